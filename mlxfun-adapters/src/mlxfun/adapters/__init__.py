@@ -1,0 +1,1 @@
+"""Built-in MoE architecture adapters (one per mlx-lm architecture family)."""

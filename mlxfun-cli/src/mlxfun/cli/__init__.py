@@ -1,0 +1,1 @@
+"""The mlxfun command line."""

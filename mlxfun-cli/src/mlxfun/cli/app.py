@@ -1,0 +1,86 @@
+"""The ``mlxfun`` Typer application.
+
+Commands live in small modules, each with ``register(app)``; heavy libraries (mlx, mlx-lm,
+scipy) are imported inside the command functions, so ``mlxfun --help`` and ``mlxfun plugins``
+stay fast. Plugins add commands through the ``register_commands`` hook.
+"""
+
+import importlib
+import sys
+
+import typer
+
+from mlxfun.core import __version__
+from mlxfun.core.errors import MlxfunError
+
+COMMAND_MODULES = ("plugins_cmd",)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"mlxfun {__version__}")
+        raise typer.Exit()
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        name="mlxfun",
+        help="Compress and steer Mixture-of-Experts models with MLX.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+
+    @app.callback()
+    def main_callback(
+        version: bool = typer.Option(
+            False, "--version", callback=_version, is_eager=True, help="Show the version."
+        ),
+    ):
+        """Compress and steer Mixture-of-Experts models with MLX."""
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"mlxfun.cli.{name}").register(app)
+
+    from mlxfun.core.plugins import pm, load_plugins
+
+    load_plugins()
+    plugin_app = typer.Typer(help="Commands added by plugins.")
+    pm.hook.register_commands(app=plugin_app)
+    if plugin_app.registered_commands or plugin_app.registered_groups:
+        for command in plugin_app.registered_commands:
+            command.rich_help_panel = command.rich_help_panel or "Plugin commands"
+            app.registered_commands.append(command)
+        app.registered_groups.extend(plugin_app.registered_groups)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    app = build_app()
+    try:
+        app(args=argv, standalone_mode=False)
+    except MlxfunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            return exc.exit_code
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            print("aborted", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The declarative base for architecture adapters.
+
+An adapter says where an architecture keeps its experts and router and how the router picks
+experts; everything else (finding the MoE layers, hooking, slicing) is shared. A new
+architecture is usually one ``MoEAdapter(...)`` call::
+
+    MoEAdapter(
+        name="qwen3_moe",
+        model_types=("qwen3_moe",),
+        description="Qwen3-MoE: softmax over all experts, top-k, optional renormalisation",
+        experts_attr="switch_mlp",
+        router_attr="gate",
+        route=softmax_topk(),
+        num_experts_keys=("num_experts",),
+    )
+
+``route(block, logits)`` returns ``(indices, weights)`` exactly as the block computes them
+(MLX arrays, last axis top-k). The MoE layers are found by looking for modules at
+``<block>.<experts_attr>`` that hold stacked expert weights, so dense layers, strided MoE layers
+and hybrid stacks need no extra description. Nothing here imports MLX at module import time.
+"""
+
+import re
+from typing import Any, Callable
+
+import attrs
+
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2")
+
+
+@attrs.define
+class MoELayer:
+    """One MoE block inside a loaded model."""
+
+    position: int  # index among the MoE layers
+    index: int  # decoder layer index
+    path: str  # dotted path of the block from the model root, e.g. "model.layers.3.mlp"
+    block: Any = attrs.field(repr=False)
+    experts: Any = attrs.field(repr=False)
+    num_experts: int = 0
+    top_k: int = 0
+
+
+def get_path(obj, path: str):
+    """Follow a dotted path of attributes, dict keys and list indices."""
+    for part in path.split("."):
+        if isinstance(obj, list | tuple):
+            obj = obj[int(part)]
+        elif isinstance(obj, dict) and part in obj:
+            obj = obj[part]
+        else:
+            obj = getattr(obj, part)
+    return obj
+
+
+def has_path(obj, path: str) -> bool:
+    try:
+        get_path(obj, path)
+    except (AttributeError, KeyError, IndexError, ValueError):
+        return False
+    return True
+
+
+def expert_projections(experts) -> list[str]:
+    """The stacked projections (SwitchLinear-like children) of an experts module."""
+    return [name for name in EXPERT_PROJECTIONS if has_path(experts, f"{name}.weight")]
+
+
+def _is_stacked_experts(module) -> bool:
+    names = expert_projections(module)
+    return bool(names) and all(get_path(module, f"{n}.weight").ndim == 3 for n in names)
+
+
+def _first_attr(obj, candidates):
+    for path in candidates:
+        if has_path(obj, path):
+            value = get_path(obj, path)
+            if isinstance(value, int):
+                return value
+    return None
+
+
+@attrs.define(kw_only=True, frozen=True)
+class MoEAdapter:
+    name: str
+    model_types: tuple[str, ...]
+    description: str = ""
+    route: Callable = attrs.field(repr=False)
+    router_family: str = ""
+    experts_attr: str = "switch_mlp"
+    router_attr: str = "gate"
+    # logits(block, x): the router's logits; default applies router_attr (Linear or raw array).
+    logits: Callable | None = attrs.field(default=None, repr=False)
+    correction_bias_attr: str | None = None
+    shared_attrs: tuple[str, ...] = ()
+    num_experts_keys: tuple[str, ...] = ("num_experts",)
+    top_k_keys: tuple[str, ...] = ("num_experts_per_tok",)
+    top_k_attrs: tuple[str, ...] = ("top_k", "num_experts_per_tok", "gate.top_k", "router.top_k")
+    mlx_lm_versions: str = ">=0.32,<0.33"
+    # Model types this adapter knows about but cannot support correctly, with the reason.
+    unsupported: dict[str, str] = attrs.field(factory=dict)
+    notes: str = ""
+
+    def matches(self, config: dict) -> bool:
+        return config.get("model_type") in self.model_types
+
+    def moe_layers(self, model) -> list[MoELayer]:
+        """Every MoE block in the model, in forward order."""
+        layers = []
+        suffix = "." + self.experts_attr
+        for path, module in model.named_modules():
+            if not path.endswith(suffix) or not _is_stacked_experts(module):
+                continue
+            block_path = path[: -len(suffix)]
+            block = get_path(model, block_path)
+            numbers = re.findall(r"\.(\d+)(?:\.|$)", block_path)
+            index = int(numbers[-1]) if numbers else 0
+            num_experts = get_path(module, expert_projections(module)[0] + ".weight").shape[0]
+            layers.append(MoELayer(0, index, block_path, block, module, num_experts, 0))
+        layers.sort(key=lambda layer: layer.index)
+        for position, layer in enumerate(layers):
+            layer.position = position
+            layer.top_k = self.top_k(layer.block, model)
+        return layers
+
+    def top_k(self, block, model) -> int:
+        value = _first_attr(block, self.top_k_attrs)
+        if value is None:
+            args = getattr(model, "args", None)
+            value = _first_attr(args, self.top_k_keys) if args is not None else None
+        if value is None:
+            raise ValueError(f"{self.name}: cannot find top-k on {type(block).__name__}")
+        return value
+
+    def router_logits(self, block, x):
+        if self.logits is not None:
+            return self.logits(block, x)
+        router = get_path(block, self.router_attr)
+        if callable(router):
+            return router(x)
+        return x @ router.T
+
+    def routing(self, block, x):
+        """``(indices, weights, logits)`` for block input ``x``, as the block computes them."""
+        logits = self.router_logits(block, x)
+        indices, weights = self.route(block, logits)
+        return indices, weights, logits
+
+    def expert_outputs(self, layer: MoELayer, x, indices):
+        """Raw outputs f_j(x) of the given experts (no gate weight), shape (..., k, hidden)."""
+        return layer.experts(x, indices)
+
+    def all_expert_outputs(self, layer: MoELayer, x):
+        """Every expert's raw output on tokens ``x`` (tokens, hidden) -> (tokens, E, hidden)."""
+        import mlx.core as mx
+
+        indices = mx.broadcast_to(mx.arange(layer.num_experts), (x.shape[0], layer.num_experts))
+        return self.expert_outputs(layer, x, indices)

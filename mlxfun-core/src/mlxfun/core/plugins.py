@@ -1,0 +1,219 @@
+"""The plugin manager: loads the ``mlxfun`` entry points and keeps a registry per plugin kind.
+
+Built-in plugins (mlxfun-adapters, mlxfun-methods) are found through the same entry points as
+third-party ones. Environment switches:
+
+- ``MLXFUN_LOAD_PLUGINS=dist1,dist2``: load only these distributions ("" loads none).
+- ``MLXFUN_STRICT_PLUGINS=1``: a plugin that fails to load is an error, not a warning.
+- ``MLXFUN_TRACE_PLUGINS=1``: print every hook call to stderr.
+"""
+
+import importlib.metadata
+import os
+import re
+import sys
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .errors import MlxfunError
+from .types import KINDS, REQUIRED_ATTRIBUTES, PluginInfo
+
+ENTRY_POINT_GROUP = "mlxfun"
+HOOK_FOR_KIND = {kind: f"register_{kind}s" for kind in KINDS}
+
+pm = pluggy.PluginManager("mlxfun")
+pm.add_hookspecs(hookspecs)
+
+_loaded = False
+_load_failures: list[PluginInfo] = []
+_plugin_dists: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
+_registry: dict[str, dict[str, PluginInfo]] | None = None
+_registry_failures: list[PluginInfo] = []
+
+
+def _normalize(dist_name: str) -> str:
+    return re.sub(r"[-_.]+", "-", dist_name).lower()
+
+
+def _warn(message: str) -> None:
+    print(f"mlxfun: warning: {message}", file=sys.stderr)
+
+
+def _fail(failure: PluginInfo, failures: list[PluginInfo]) -> None:
+    if os.environ.get("MLXFUN_STRICT_PLUGINS") == "1":
+        raise MlxfunError(
+            f"plugin {failure.name!r} from {failure.distribution}: {failure.error}"
+        )
+    failures.append(failure)
+    _warn(f"skipped plugin {failure.name!r} from {failure.distribution}: {failure.error}")
+
+
+def load_plugins() -> None:
+    """Load every ``mlxfun`` entry point once; a failing one is reported and skipped."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    if os.environ.get("MLXFUN_TRACE_PLUGINS") == "1":
+        pm.trace.root.setwriter(lambda text: print(text, end="", file=sys.stderr))
+        pm.enable_tracing()
+    only = os.environ.get("MLXFUN_LOAD_PLUGINS")
+    allowed = None if only is None else {_normalize(d) for d in only.split(",") if d.strip()}
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = entry_point.dist
+        dist_name = dist.name if dist else "unknown"
+        version = dist.version if dist else "unknown"
+        if allowed is not None and _normalize(dist_name) not in allowed:
+            continue
+        _load_entry_point(entry_point, dist_name, version)
+
+
+def _load_entry_point(entry_point, dist_name: str, version: str) -> None:
+    failure = PluginInfo("plugin", entry_point.name, "", dist_name, version, error="")
+    if pm.has_plugin(entry_point.name):
+        owner = _plugin_dists[entry_point.name][0]
+        error = f"entry point name {entry_point.name!r} is already used by {owner}; rename it"
+        _fail(attrs.evolve(failure, error=error), _load_failures)
+        return
+    try:
+        module = entry_point.load()
+        pm.register(module, name=entry_point.name)
+    except Exception as exc:  # a broken plugin must not break mlxfun
+        _fail(attrs.evolve(failure, error=f"{type(exc).__name__}: {exc}"), _load_failures)
+        return
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        pm.unregister(name=entry_point.name)
+        _fail(attrs.evolve(failure, error=f"unknown hook: {exc}"), _load_failures)
+        return
+    _plugin_dists[entry_point.name] = (dist_name, version)
+
+
+def register_plugin(plugin, name: str, distribution: str = "local", version: str = "0") -> None:
+    """Register an in-process plugin (a module or object with hookimpls); used by tests."""
+    load_plugins()
+    pm.register(plugin, name=name)
+    pm.check_pending()
+    _plugin_dists[name] = (distribution, version)
+    _reset_registry()
+
+
+def unregister_plugin(name: str) -> None:
+    pm.unregister(name=name)
+    _plugin_dists.pop(name, None)
+    _reset_registry()
+
+
+def _reset_registry() -> None:
+    global _registry
+    _registry = None
+    _registry_failures.clear()
+
+
+def _build_registry() -> dict[str, dict[str, PluginInfo]]:
+    registry: dict[str, dict[str, PluginInfo]] = {kind: {} for kind in KINDS}
+    for kind in KINDS:
+        hook = getattr(pm.hook, HOOK_FOR_KIND[kind])
+        for impl in reversed(hook.get_hookimpls()):  # registration order
+            dist, version = _plugin_dists.get(impl.plugin_name, ("unknown", "unknown"))
+            found: list = []
+            try:
+                impl.function(register=found.append)
+            except Exception as exc:
+                error = f"{HOOK_FOR_KIND[kind]} raised {type(exc).__name__}: {exc}"
+                _fail(
+                    PluginInfo(kind, impl.plugin_name, "", dist, version, error=error),
+                    _registry_failures,
+                )
+                continue
+            for obj in found:
+                _add(registry[kind], kind, obj, dist, version)
+    return registry
+
+
+def _add(by_name: dict, kind: str, obj, dist: str, version: str) -> None:
+    name = getattr(obj, "name", None)
+    missing = [a for a in ("name", "description", *REQUIRED_ATTRIBUTES[kind]) if not hasattr(obj, a)]
+    if missing or not isinstance(name, str):
+        error = f"{kind} object {obj!r} lacks {', '.join(missing) or 'a string name'}"
+        _fail(PluginInfo(kind, str(name), "", dist, version, error=error), _registry_failures)
+        return
+    if name in by_name:
+        first = by_name[name]
+        error = f"{kind} {name!r} is already registered by {first.distribution}; kept that one"
+        _fail(PluginInfo(kind, name, obj.description, dist, version, error=error), _registry_failures)
+        return
+    by_name[name] = PluginInfo(kind, name, obj.description, dist, version, obj=obj)
+
+
+def registry() -> dict[str, dict[str, PluginInfo]]:
+    global _registry
+    load_plugins()
+    if _registry is None:
+        _registry = _build_registry()
+    return _registry
+
+
+def failures() -> list[PluginInfo]:
+    """Plugins that failed to load or register, with their errors."""
+    registry()
+    return [*_load_failures, *_registry_failures]
+
+
+def all_plugins() -> list[PluginInfo]:
+    """Every registered plugin object, then every failure."""
+    found = [info for kind in KINDS for info in registry()[kind].values()]
+    return found + failures()
+
+
+def plugin_names(kind: str) -> list[str]:
+    return sorted(registry()[kind])
+
+
+def get_plugin(kind: str, name: str):
+    by_name = registry()[kind]
+    if name not in by_name:
+        known = ", ".join(sorted(by_name)) or "none installed"
+        raise MlxfunError(f"unknown {kind} {name!r}; known {kind}s: {known}")
+    return by_name[name].obj
+
+
+def get_adapter(name: str):
+    return get_plugin("adapter", name)
+
+
+def get_scorer(name: str):
+    return get_plugin("scorer", name)
+
+
+def get_selector(name: str):
+    return get_plugin("selector", name)
+
+
+def get_compressor(name: str):
+    return get_plugin("compressor", name)
+
+
+def get_intervention(name: str):
+    return get_plugin("intervention", name)
+
+
+def adapter_for_config(config: dict):
+    """The adapter for a model's config.json, or a one-line error listing what is supported."""
+    model_type = config.get("model_type")
+    adapters = registry()["adapter"].values()
+    for info in adapters:
+        if info.obj.matches(config):
+            return info.obj
+    for info in adapters:
+        reason = getattr(info.obj, "unsupported", {}).get(model_type)
+        if reason:
+            raise MlxfunError(f"architecture {model_type!r} is not supported: {reason}")
+    supported = sorted({t for info in adapters for t in info.obj.model_types})
+    raise MlxfunError(
+        f"unsupported architecture {model_type!r}; supported model types: "
+        f"{', '.join(supported) or 'none (install mlxfun-adapters)'}"
+    )

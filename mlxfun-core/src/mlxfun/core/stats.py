@@ -1,0 +1,210 @@
+"""Statistics accumulation and the stats file (``.npz``, loadable with ``allow_pickle=False``).
+
+The file holds one float64 (num_moe_layers, num_experts) array per scorer, named after it, the
+raw accumulators (``acc.<scorer>.<key>``) so files can be merged exactly, ``token_counts`` (tokens
+seen per MoE layer) and ``metadata``: a JSON string with the format version, the model
+fingerprint, the MoE layer indices, the datasets, the scorers and the mlxfun version.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import attrs
+import numpy as np
+
+from . import __version__
+from .errors import MlxfunError
+
+FORMAT_VERSION = 1
+# Keys that do not change which experts exist or how they route.
+_VOLATILE_CONFIG_KEYS = {
+    "quantization",
+    "quantization_config",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "_name_or_path",
+    "architectures",
+    "model_file",
+    "mlxfun",
+}
+
+
+class StatsCollector:
+    """Feeds ``LayerObservation``s to several scorers at once."""
+
+    def __init__(self, scorers, num_layers: int, num_experts: int):
+        self.scorers = list(scorers)
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.accumulators = {s.name: s.init(num_layers, num_experts) for s in self.scorers}
+        self.token_counts = np.zeros(num_layers, dtype=np.int64)
+
+    @property
+    def needs(self) -> frozenset:
+        needs = {"selected", "weights"}
+        for scorer in self.scorers:
+            needs |= set(scorer.needs)
+        return frozenset(needs)
+
+    def update(self, observations) -> None:
+        for obs in observations:
+            self.token_counts[obs.layer] += obs.num_tokens
+            for scorer in self.scorers:
+                scorer.update(self.accumulators[scorer.name], obs)
+
+    def scores(self) -> dict[str, np.ndarray]:
+        return {s.name: np.asarray(s.finalize(self.accumulators[s.name]), dtype=np.float64) for s in self.scorers}
+
+
+@attrs.define
+class Stats:
+    scores: dict[str, np.ndarray]
+    accumulators: dict[str, dict[str, np.ndarray]]
+    token_counts: np.ndarray
+    metadata: dict
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.metadata["fingerprint"]
+
+    def score(self, name: str) -> np.ndarray:
+        if name not in self.scores:
+            known = ", ".join(sorted(self.scores))
+            raise MlxfunError(f"the stats file has no {name!r} scores; it has: {known} (collect with --scorers {name})")
+        return self.scores[name]
+
+
+def config_hash(config: dict) -> str:
+    kept = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    text = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_fingerprint(config: dict, layers) -> dict:
+    """What identifies a model for statistics: architecture, config hash, MoE layers and shapes."""
+    return {
+        "model_type": config.get("model_type"),
+        "config_hash": config_hash(config),
+        "moe_layers": [layer.index for layer in layers],
+        "experts_per_layer": [layer.num_experts for layer in layers],
+        "top_k": [layer.top_k for layer in layers],
+    }
+
+
+def check_fingerprint(stats: Stats, fingerprint: dict, stats_path) -> None:
+    """Refuse statistics from another model, naming what differs."""
+    theirs = stats.fingerprint
+    for key in ("model_type", "moe_layers", "experts_per_layer", "config_hash"):
+        if theirs.get(key) != fingerprint.get(key):
+            raise MlxfunError(
+                f"{stats_path} was collected on another model ({key}: {theirs.get(key)} here "
+                f"vs {fingerprint.get(key)} in the model); run `mlxfun collect` on this model"
+            )
+
+
+def save_stats(path, scores, accumulators, token_counts, metadata) -> None:
+    arrays = {name: np.asarray(value, dtype=np.float64) for name, value in scores.items()}
+    for name, acc in accumulators.items():
+        for key, value in acc.items():
+            arrays[f"acc.{name}.{key}"] = np.asarray(value, dtype=np.float64)
+    arrays["token_counts"] = np.asarray(token_counts, dtype=np.int64)
+    meta = {"format_version": FORMAT_VERSION, "mlxfun_version": __version__, **metadata}
+    meta["scorers"] = sorted(scores)
+    arrays["metadata"] = np.array(json.dumps(meta, sort_keys=True))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_stats(path) -> Stats:
+    path = Path(path)
+    if not path.is_file():
+        raise MlxfunError(f"stats file {path} does not exist; create it with `mlxfun collect`")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except Exception as exc:
+        raise MlxfunError(f"{path} is not a readable mlxfun stats file ({exc})") from None
+    if "metadata" not in arrays:
+        raise MlxfunError(f"{path} has no metadata; is it an mlxfun stats file?")
+    metadata = json.loads(str(arrays.pop("metadata")))
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise MlxfunError(
+            f"{path} has stats format {metadata.get('format_version')}; this mlxfun reads "
+            f"format {FORMAT_VERSION}: collect again"
+        )
+    token_counts = arrays.pop("token_counts")
+    accumulators: dict[str, dict] = {}
+    scores = {}
+    for key, value in arrays.items():
+        if key.startswith("acc."):
+            _, name, field = key.split(".", 2)
+            accumulators.setdefault(name, {})[field] = value
+        else:
+            scores[key] = value
+    return Stats(scores, accumulators, token_counts, metadata)
+
+
+def within_layer_ranks(scores: np.ndarray) -> np.ndarray:
+    """Rank of each expert inside its layer: 0 = least important; ties by expert id."""
+    order = np.argsort(scores, axis=-1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(scores.shape[-1])[None, :].repeat(scores.shape[0], 0), -1)
+    return ranks.astype(np.float64)
+
+
+def model_wide_ranks(scores: np.ndarray) -> np.ndarray:
+    """Rank of each (layer, expert) across the whole model: 0 = least important."""
+    flat = scores.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    ranks = np.empty(flat.shape, dtype=np.float64)
+    ranks[order] = np.arange(flat.size)
+    return ranks.reshape(scores.shape)
+
+
+def merge_stats(stats_list: list[Stats], scorers_by_name: dict, mode: str = "sum") -> Stats:
+    """Combine stats of the same model: ``sum`` is exactly one collect over all the datasets;
+    ``rank`` sums per-layer ranks (0 = least important) across the files."""
+    first = stats_list[0]
+    for other in stats_list[1:]:
+        if other.fingerprint != first.fingerprint:
+            diff = [k for k in first.fingerprint if first.fingerprint.get(k) != other.fingerprint.get(k)]
+            raise MlxfunError(f"cannot merge stats of different models (they differ in {', '.join(diff)})")
+    names = sorted(set.intersection(*(set(s.scores) for s in stats_list)))
+    metadata = dict(first.metadata)
+    metadata["datasets"] = [d for s in stats_list for d in _as_list(s.metadata.get("datasets"))]
+    metadata["tokens_seen"] = int(sum(s.metadata.get("tokens_seen", 0) for s in stats_list))
+    metadata["merged_from"] = len(stats_list)
+    metadata["merge_mode"] = mode
+    token_counts = sum(s.token_counts for s in stats_list)
+    if mode == "rank":
+        scores = {n: sum(within_layer_ranks(s.scores[n]) for s in stats_list) for n in names}
+        return Stats(scores, {}, token_counts, metadata)
+    if mode != "sum":
+        raise MlxfunError(f"unknown merge mode {mode!r}; use sum or rank")
+    accumulators, scores = {}, {}
+    for name in names:
+        if any(name not in s.accumulators for s in stats_list):
+            raise MlxfunError(f"{name!r} has no accumulators in every file (a rank-merged file?); use --mode rank")
+        scorer = scorers_by_name[name]
+        combine = getattr(scorer, "combine", None) or (lambda a, b: {k: a[k] + b[k] for k in a})
+        acc = stats_list[0].accumulators[name]
+        for other in stats_list[1:]:
+            acc = combine(acc, other.accumulators[name])
+        accumulators[name] = acc
+        scores[name] = np.asarray(scorer.finalize(acc), dtype=np.float64)
+    return Stats(scores, accumulators, token_counts, metadata)
+
+
+def _as_list(value):
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]

@@ -1,0 +1,1 @@
+"""Built-in mlxfun methods: scorers, selectors, compressors, interventions."""

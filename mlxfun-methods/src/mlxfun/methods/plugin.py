@@ -1,0 +1,11 @@
+"""Registers the built-in methods. Importing this module must not import MLX or SciPy."""
+
+from mlxfun.core.hookspecs import hookimpl
+
+
+@hookimpl
+def register_scorers(register):
+    from .scorers import SCORERS
+
+    for scorer in SCORERS:
+        register(scorer)

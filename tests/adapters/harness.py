@@ -1,0 +1,160 @@
+"""Shared checks for architecture adapters on tiny seeded mlx-lm models.
+
+A test for an architecture supplies the tiny ``ModelArgs`` and an independent numpy
+re-computation of its routing, ``ref_route(block, x) -> (selected, weights)`` with ``x`` a
+(tokens, hidden) float64 array and ``selected``/``weights`` (tokens, top_k); then
+``check_architecture`` asserts that
+1. a hooked forward equals the un-hooked one exactly,
+2. the observed selection and gate weights equal the numpy routing,
+3. every built-in statistic equals a brute-force loop over tokens.
+"""
+
+import importlib
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map_with_path
+
+from mlxfun.core import plugins
+from mlxfun.core.hooks import call_hooks
+from mlxfun.core.observe import Observer
+from mlxfun.core.stats import StatsCollector
+
+ALL_NEEDS = frozenset({"selected", "weights", "norms", "logits", "outputs"})
+
+
+def build_tiny(model_type: str, args: dict, seed: int = 0, bits: int | None = None, group_size: int = 32):
+    """A tiny model from mlx-lm's own classes with seeded random weights.
+
+    Parameters that mlx-lm initialises to constants (zero routers, zero correction biases) are
+    re-drawn, so routing and biases really matter in the test.
+    """
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict({"model_type": model_type, **args}))
+    rng = np.random.default_rng(seed)
+
+    def redraw(path, value):
+        if not isinstance(value, mx.array) or not mx.issubdtype(value.dtype, mx.floating):
+            return value
+        flat = np.array(value)
+        if flat.size and np.all(flat == flat.reshape(-1)[0]) and "norm" not in path:
+            return mx.array(rng.normal(0.0, 0.3, value.shape).astype(np.float32))
+        return value
+
+    model.update(tree_map_with_path(redraw, model.parameters()))
+    if bits is not None:
+        nn.quantize(
+            model,
+            group_size=group_size,
+            bits=bits,
+            class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0,
+        )
+    mx.eval(model.parameters())
+    return model
+
+
+def dequantized(module, name: str = "weight") -> np.ndarray:
+    """A Linear / QuantizedLinear / SwitchLinear weight as float64 numpy."""
+    if "scales" in module:
+        w = mx.dequantize(
+            module["weight"],
+            module["scales"],
+            module.get("biases"),
+            group_size=module.group_size,
+            bits=module.bits,
+            mode=getattr(module, "mode", "affine"),
+        )
+        return np.array(w.astype(mx.float32), dtype=np.float64)
+    return np.array(module[name].astype(mx.float32), dtype=np.float64)
+
+
+def capture_block_inputs(model, adapter, tokens):
+    """The input of every MoE block during one forward, as (tokens, hidden) float64 arrays."""
+    layers = adapter.moe_layers(model)
+    seen = {}
+
+    def hook(position):
+        def wrapper(module, call, x, *args, **kwargs):
+            seen[position] = x
+            return call(x, *args, **kwargs)
+
+        return wrapper
+
+    with call_hooks([(layer.block, hook(layer.position)) for layer in layers]):
+        mx.eval(model(tokens))
+    return layers, {
+        p: np.array(x.astype(mx.float32), dtype=np.float64).reshape(-1, x.shape[-1]) for p, x in seen.items()
+    }
+
+
+def check_architecture(model_type: str, model, ref_route, tokens=None, atol=1e-5):
+    config = {"model_type": model_type}
+    adapter = plugins.adapter_for_config(config)
+    if tokens is None:
+        vocab = model.model.embed_tokens.weight.shape[0] if hasattr(model, "model") else 256
+        tokens = mx.array(np.random.default_rng(1).integers(0, min(vocab, 256), (2, 24)))
+
+    # 1. hooks do not change the output
+    plain = model(tokens)
+    with Observer(model, adapter, ALL_NEEDS) as observer:
+        hooked = model(tokens)
+    mx.eval(plain, hooked)
+    assert mx.array_equal(plain, hooked).item(), "hooked forward differs from the plain one"
+    observations = observer.observations()
+
+    # 2. routing equals an independent numpy re-computation
+    layers, inputs = capture_block_inputs(model, adapter, tokens)
+    assert len(layers) == len(observations) > 0
+    for layer, obs in zip(layers, observations):
+        selected, weights = ref_route(layer.block, inputs[layer.position])
+        order = np.argsort(selected, axis=-1)
+        selected = np.take_along_axis(np.asarray(selected), order, -1)
+        weights = np.take_along_axis(np.asarray(weights), order, -1)
+        np.testing.assert_array_equal(obs.selected, selected, err_msg=f"layer {layer.index} selection")
+        np.testing.assert_allclose(obs.weights, weights, atol=atol, rtol=1e-4, err_msg=f"layer {layer.index} weights")
+
+    # 3. statistics equal a brute-force loop over tokens
+    check_statistics(model, adapter, layers, inputs, observations)
+    return adapter, layers, observations
+
+
+def check_statistics(model, adapter, layers, inputs, observations):
+    scorer_names = ["frequency", "weighted_frequency", "ean_sum", "ean_mean", "reap", "max_activation"]
+    scorers = [plugins.get_scorer(n) for n in scorer_names]
+    num_experts = max(layer.num_experts for layer in layers)
+    collector = StatsCollector(scorers, len(layers), num_experts)
+    collector.update(observations)
+    scores = collector.scores()
+    for layer, obs in zip(layers, observations):
+        x = mx.array(inputs[layer.position].astype(np.float32))
+        every = np.array(adapter.all_expert_outputs(layer, x).astype(mx.float32), dtype=np.float64)
+        expected = {n: np.zeros(num_experts) for n in scorer_names}
+        count = np.zeros(num_experts)
+        reap_sum = np.zeros(num_experts)
+        for t in range(obs.num_tokens):
+            for slot in range(obs.selected.shape[1]):
+                e = obs.selected[t, slot]
+                norm = np.linalg.norm(every[t, e])
+                count[e] += 1
+                expected["weighted_frequency"][e] += obs.weights[t, slot]
+                expected["ean_sum"][e] += norm
+                reap_sum[e] += obs.weights[t, slot] * norm
+                expected["max_activation"][e] = max(expected["max_activation"][e], norm)
+        expected["frequency"] = count
+        safe = np.maximum(count, 1)
+        expected["ean_mean"] = np.where(count > 0, expected["ean_sum"] / safe, 0.0)
+        expected["reap"] = np.where(count > 0, reap_sum / safe, 0.0)
+        for name in scorer_names:
+            np.testing.assert_allclose(
+                scores[name][layer.position, : layer.num_experts],
+                expected[name],
+                rtol=2e-4,
+                atol=1e-5,
+                err_msg=f"{name} at layer {layer.index}",
+            )
+
+
+def parameter_names(model) -> list[str]:
+    return [name for name, _ in tree_flatten(model.parameters())]
