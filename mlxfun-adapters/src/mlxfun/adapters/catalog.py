@@ -1,25 +1,5 @@
 """The built-in adapters: one declaration per mlx-lm architecture family."""
 
-from mlxfun.core.adapter import MoEAdapter
+from . import biased_family, softmax_family, special_family
 
-from .routing import softmax_topk, topk_softmax
-
-ADAPTERS = [
-    MoEAdapter(
-        name="qwen3_moe",
-        model_types=("qwen3_moe",),
-        description="Qwen3-MoE: softmax over all experts, top-k, optional renormalisation",
-        router_family="B: softmax-all, top-k, renorm",
-        route=softmax_topk(),
-        num_experts_keys=("num_experts",),
-    ),
-    MoEAdapter(
-        name="mixtral",
-        model_types=("mixtral",),
-        description="Mixtral: top-k of router logits, softmax over the k",
-        router_family="A: top-k logits, softmax over k",
-        route=topk_softmax(),
-        experts_attr="switch_mlp",
-        num_experts_keys=("num_local_experts",),
-    ),
-]
+ADAPTERS = [*softmax_family.ADAPTERS, *biased_family.ADAPTERS, *special_family.ADAPTERS]

@@ -1,0 +1,3 @@
+"""Adapters: see the module docstring once filled in."""
+
+ADAPTERS = []
