@@ -9,7 +9,6 @@ import importlib
 import sys
 
 import typer
-
 from mlxfun.core import __version__
 from mlxfun.core.errors import MlxfunError
 
@@ -42,7 +41,7 @@ def build_app() -> typer.Typer:
     for name in COMMAND_MODULES:
         importlib.import_module(f"mlxfun.cli.{name}").register(app)
 
-    from mlxfun.core.plugins import pm, load_plugins
+    from mlxfun.core.plugins import load_plugins, pm
 
     load_plugins()
     plugin_app = typer.Typer(help="Commands added by plugins.")

@@ -13,9 +13,7 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     numeric = [all(_is_number(row.get(c)) for row in rows) for c in columns]
 
     def line(values):
-        parts = [
-            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)
-        ]
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
         return "  ".join(parts).rstrip()
 
     out = [line(columns), line(["-" * w for w in widths])]

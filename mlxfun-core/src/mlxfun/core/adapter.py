@@ -21,7 +21,8 @@ and hybrid stacks need no extra description. Nothing here imports MLX at module 
 """
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 

@@ -43,9 +43,7 @@ def _warn(message: str) -> None:
 
 def _fail(failure: PluginInfo, failures: list[PluginInfo]) -> None:
     if os.environ.get("MLXFUN_STRICT_PLUGINS") == "1":
-        raise MlxfunError(
-            f"plugin {failure.name!r} from {failure.distribution}: {failure.error}"
-        )
+        raise MlxfunError(f"plugin {failure.name!r} from {failure.distribution}: {failure.error}")
     failures.append(failure)
     _warn(f"skipped plugin {failure.name!r} from {failure.distribution}: {failure.error}")
 
@@ -136,7 +134,9 @@ def _build_registry() -> dict[str, dict[str, PluginInfo]]:
 
 def _add(by_name: dict, kind: str, obj, dist: str, version: str) -> None:
     name = getattr(obj, "name", None)
-    missing = [a for a in ("name", "description", *REQUIRED_ATTRIBUTES[kind]) if not hasattr(obj, a)]
+    missing = [
+        a for a in ("name", "description", *REQUIRED_ATTRIBUTES[kind]) if not hasattr(obj, a)
+    ]
     if missing or not isinstance(name, str):
         error = f"{kind} object {obj!r} lacks {', '.join(missing) or 'a string name'}"
         _fail(PluginInfo(kind, str(name), "", dist, version, error=error), _registry_failures)
@@ -144,7 +144,9 @@ def _add(by_name: dict, kind: str, obj, dist: str, version: str) -> None:
     if name in by_name:
         first = by_name[name]
         error = f"{kind} {name!r} is already registered by {first.distribution}; kept that one"
-        _fail(PluginInfo(kind, name, obj.description, dist, version, error=error), _registry_failures)
+        _fail(
+            PluginInfo(kind, name, obj.description, dist, version, error=error), _registry_failures
+        )
         return
     by_name[name] = PluginInfo(kind, name, obj.description, dist, version, obj=obj)
 

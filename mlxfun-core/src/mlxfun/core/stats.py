@@ -56,7 +56,10 @@ class StatsCollector:
                 scorer.update(self.accumulators[scorer.name], obs)
 
     def scores(self) -> dict[str, np.ndarray]:
-        return {s.name: np.asarray(s.finalize(self.accumulators[s.name]), dtype=np.float64) for s in self.scorers}
+        return {
+            s.name: np.asarray(s.finalize(self.accumulators[s.name]), dtype=np.float64)
+            for s in self.scorers
+        }
 
 
 @attrs.define
@@ -73,7 +76,10 @@ class Stats:
     def score(self, name: str) -> np.ndarray:
         if name not in self.scores:
             known = ", ".join(sorted(self.scores))
-            raise MlxfunError(f"the stats file has no {name!r} scores; it has: {known} (collect with --scorers {name})")
+            raise MlxfunError(
+                f"the stats file has no {name!r} scores; it has: {known} "
+                f"(collect with --scorers {name})"
+            )
         return self.scores[name]
 
 
@@ -157,7 +163,9 @@ def within_layer_ranks(scores: np.ndarray) -> np.ndarray:
     """Rank of each expert inside its layer: 0 = least important; ties by expert id."""
     order = np.argsort(scores, axis=-1, kind="stable")
     ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(scores.shape[-1])[None, :].repeat(scores.shape[0], 0), -1)
+    np.put_along_axis(
+        ranks, order, np.arange(scores.shape[-1])[None, :].repeat(scores.shape[0], 0), -1
+    )
     return ranks.astype(np.float64)
 
 
@@ -176,8 +184,12 @@ def merge_stats(stats_list: list[Stats], scorers_by_name: dict, mode: str = "sum
     first = stats_list[0]
     for other in stats_list[1:]:
         if other.fingerprint != first.fingerprint:
-            diff = [k for k in first.fingerprint if first.fingerprint.get(k) != other.fingerprint.get(k)]
-            raise MlxfunError(f"cannot merge stats of different models (they differ in {', '.join(diff)})")
+            diff = [
+                k for k in first.fingerprint if first.fingerprint.get(k) != other.fingerprint.get(k)
+            ]
+            raise MlxfunError(
+                f"cannot merge stats of different models (they differ in {', '.join(diff)})"
+            )
     names = sorted(set.intersection(*(set(s.scores) for s in stats_list)))
     metadata = dict(first.metadata)
     metadata["datasets"] = [d for s in stats_list for d in _as_list(s.metadata.get("datasets"))]
@@ -193,7 +205,9 @@ def merge_stats(stats_list: list[Stats], scorers_by_name: dict, mode: str = "sum
     accumulators, scores = {}, {}
     for name in names:
         if any(name not in s.accumulators for s in stats_list):
-            raise MlxfunError(f"{name!r} has no accumulators in every file (a rank-merged file?); use --mode rank")
+            raise MlxfunError(
+                f"{name!r} has no accumulators in every file (a rank-merged file?); use --mode rank"
+            )
         scorer = scorers_by_name[name]
         combine = getattr(scorer, "combine", None) or (lambda a, b: {k: a[k] + b[k] for k in a})
         acc = stats_list[0].accumulators[name]

@@ -7,12 +7,15 @@ combine by addition (``max_activation`` by maximum). Higher score = more importa
 
 import attrs
 import numpy as np
-
 from mlxfun.core.types import LayerObservation
 
 
 def _scatter(acc: np.ndarray, obs: LayerObservation, values) -> None:
-    np.add.at(acc[obs.layer], obs.selected.reshape(-1), np.broadcast_to(values, obs.selected.shape).reshape(-1))
+    np.add.at(
+        acc[obs.layer],
+        obs.selected.reshape(-1),
+        np.broadcast_to(values, obs.selected.shape).reshape(-1),
+    )
 
 
 def _mean(total: np.ndarray, count: np.ndarray) -> np.ndarray:
@@ -62,7 +65,11 @@ class MaxActivationScorer:
         return {"max": np.zeros((num_layers, num_experts))}
 
     def update(self, acc, obs: LayerObservation) -> None:
-        np.maximum.at(acc["max"][obs.layer], obs.selected.reshape(-1), obs.norms.reshape(-1).astype(np.float64))
+        np.maximum.at(
+            acc["max"][obs.layer],
+            obs.selected.reshape(-1),
+            obs.norms.reshape(-1).astype(np.float64),
+        )
 
     def combine(self, a: dict, b: dict) -> dict:
         return {"max": np.maximum(a["max"], b["max"])}
