@@ -104,6 +104,11 @@ class Sample:
         if self.text is not None:
             return self.text
         if self.messages is not None:
+            if not getattr(tokenizer, "chat_template", None):
+                raise MlxfunError(
+                    f"{self.source}: 'messages' need a chat template and this model's tokenizer "
+                    "has none; use 'text' or 'prompt'/'completion' records"
+                )
             return tokenizer.apply_chat_template(self.messages, tokenize=False)
         return (self.prompt or "") + (self.completion or "")
 

@@ -1,0 +1,105 @@
+"""``mlxfun stats show`` and ``mlxfun stats merge``."""
+
+from pathlib import Path
+
+import typer
+
+from .output import print_json, print_table
+
+
+def register(app: typer.Typer) -> None:
+    stats_app = typer.Typer(help="Inspect and combine stats files.", no_args_is_help=True)
+    app.add_typer(stats_app, name="stats")
+
+    @stats_app.command("show")
+    def show(
+        stats: Path = typer.Argument(..., help="Stats file from `mlxfun collect`."),
+        scorer: str = typer.Option("reap", "--scorer", help="Which statistic to summarise."),
+        plot: Path = typer.Option(None, "--plot", help="Write a (layer x expert) heatmap PNG."),
+        json_output: bool = typer.Option(False, "--json", help="Print JSON."),
+    ):
+        """Per-layer summary of one statistic; optionally a heatmap picture."""
+        import numpy as np
+        from mlxfun.core.stats import load_stats
+
+        data = load_stats(stats)
+        scores = data.score(scorer)
+        layers = data.metadata.get("moe_layers", list(range(scores.shape[0])))
+        rows = []
+        for position, index in enumerate(layers):
+            row_scores = scores[position]
+            order = np.argsort(row_scores, kind="stable")
+            rows.append(
+                {
+                    "layer": index,
+                    "tokens": int(data.token_counts[position]),
+                    "min": float(row_scores.min()),
+                    "median": float(np.median(row_scores)),
+                    "max": float(row_scores.max()),
+                    "lowest": [int(e) for e in order[:4]],
+                    "highest": [int(e) for e in order[::-1][:4]],
+                }
+            )
+        if plot is not None:
+            _heatmap(scores, layers, scorer, plot)
+        if json_output:
+            print_json({"scorer": scorer, "metadata": data.metadata, "layers": rows})
+            return
+        meta = data.metadata
+        print(
+            f"{stats}: {meta.get('fingerprint', {}).get('model_type')} model, {meta.get('tokens_seen')} tokens"
+        )
+        print(f"scorers: {', '.join(sorted(data.scores))}; showing {scorer}\n")
+        print_table(rows)
+        if plot is not None:
+            print(f"\nwrote {plot}")
+
+    @stats_app.command("merge")
+    def merge(
+        inputs: list[Path] = typer.Argument(..., help="Stats files of the same model."),
+        output: Path = typer.Option(..., "--output", "-o", help="Merged stats file."),
+        mode: str = typer.Option(
+            "sum", "--mode", help="sum: exact union of the data; rank: sum of per-layer ranks."
+        ),
+    ):
+        """Combine stats files of the same model (e.g. several domains)."""
+        from mlxfun.core import plugins
+        from mlxfun.core.errors import MlxfunError
+        from mlxfun.core.stats import load_stats, merge_stats, save_stats
+
+        if len(inputs) < 2:
+            raise MlxfunError("give at least two stats files to merge")
+        loaded = [load_stats(p) for p in inputs]
+        scorers = {name: info.obj for name, info in plugins.registry()["scorer"].items()}
+        missing = {n for s in loaded for n in s.accumulators if n not in scorers}
+        if mode == "sum" and missing:
+            raise MlxfunError(
+                f"scorers {', '.join(sorted(missing))} are not installed; install them to merge by sum"
+            )
+        merged = merge_stats(loaded, scorers, mode)
+        save_stats(output, merged.scores, merged.accumulators, merged.token_counts, merged.metadata)
+        print(
+            f"merged {len(inputs)} files ({mode}) into {output}: {', '.join(sorted(merged.scores))}"
+        )
+
+
+def _heatmap(scores, layers, scorer: str, path: Path) -> None:
+    from mlxfun.core.errors import MlxfunError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MlxfunError("--plot needs matplotlib: pip install 'mlxfun-cli[plot]'") from None
+    fig, ax = plt.subplots(figsize=(max(6, scores.shape[1] * 0.3), max(3, scores.shape[0] * 0.3)))
+    image = ax.imshow(scores, aspect="auto", cmap="viridis")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_yticks(range(len(layers)), [str(i) for i in layers])
+    ax.set_title(f"{scorer} per expert")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
