@@ -1,0 +1,77 @@
+"""The observer's hooks: outputs untouched, model restored, wrong adapters caught, bf16 on CPU."""
+
+import attrs
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlxfun.core import plugins
+from mlxfun.core.io import load_model
+from mlxfun.core.observe import Observer, RoutingMismatch
+
+from .adapters.harness import build_tiny
+from .adapters.test_examples import QWEN3_MOE
+from .model_dirs import write_model_dir
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny("qwen3_moe", QWEN3_MOE)
+
+
+def tokens():
+    return mx.array(np.random.default_rng(0).integers(0, 256, (2, 16)))
+
+
+def test_hooks_restore_the_model_even_on_error(model):
+    adapter = plugins.get_adapter("qwen3_moe")
+    classes = [type(m) for _, m in model.named_modules()]
+    with pytest.raises(ValueError, match="boom"):
+        with Observer(model, adapter):
+            model(tokens())
+            raise ValueError("boom")
+    assert [type(m) for _, m in model.named_modules()] == classes
+    assert not any(getattr(m, "_mlxfun_hooked", False) for _, m in model.named_modules())
+
+
+def test_padding_is_masked_out(model):
+    adapter = plugins.get_adapter("qwen3_moe")
+    mask = np.ones((2, 16), dtype=bool)
+    mask[1, 10:] = False
+    with Observer(model, adapter) as observer:
+        model(tokens())
+    observations = observer.observations(mask)
+    assert all(o.num_tokens == 26 for o in observations)
+
+
+def test_an_adapter_with_the_wrong_routing_is_caught(model):
+    good = plugins.get_adapter("qwen3_moe")
+
+    def lowest(block, logits):  # picks the least likely experts: not what the block does
+        inds = mx.argpartition(logits, kth=1, axis=-1)[..., :2]
+        return inds, mx.ones(inds.shape)
+
+    wrong = attrs.evolve(good, name="wrong", route=lowest)
+    with Observer(model, wrong) as observer:
+        model(tokens())
+    with pytest.raises(RoutingMismatch, match="differs from the block's"):
+        observer.observations()
+
+
+def test_bf16_experts_run_in_float32_on_cpu(tmp_path, capsys):
+    import mlx.nn as nn
+
+    path = write_model_dir(tmp_path / "bf16", "qwen3_moe", QWEN3_MOE)
+    reference, _, _ = load_model(path)
+    # rewrite the weights in bfloat16, as shipped models are
+    from mlx.utils import tree_flatten
+
+    weights = {k: v.astype(mx.bfloat16) for k, v in tree_flatten(reference.parameters())}
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    capsys.readouterr()
+    model, _, _ = load_model(path)
+    if mx.default_device() == mx.cpu:
+        assert "float32" in capsys.readouterr().err
+        assert model.model.layers[0].mlp.switch_mlp.gate_proj.weight.dtype == mx.float32
+    out = model(tokens())
+    assert not mx.isnan(out).any().item()
+    assert isinstance(model.model.layers[0].mlp.gate, nn.Linear)
