@@ -832,6 +832,41 @@ def test_step3p5_clamped_experts_without_renormalisation():
 # declarations
 
 
+@pytest.mark.parametrize(
+    "moe, dense",
+    [
+        (
+            {"model_type": "granitemoehybrid", "hidden_size": 64, "num_local_experts": 8},
+            {"model_type": "granitemoehybrid", "hidden_size": 64, "num_local_experts": None},
+        ),
+        (
+            {"model_type": "jamba", "hidden_size": 64, "num_experts": 2},
+            {"model_type": "jamba", "hidden_size": 64, "num_experts": 1},
+        ),
+        (
+            {"model_type": "hunyuan", "hidden_size": 64, "num_experts": 8},
+            {"model_type": "hunyuan", "hidden_size": 64, "num_experts": 1},
+        ),
+        (
+            {"model_type": "deepseek", "hidden_size": 64, "n_routed_experts": 8},
+            {"model_type": "deepseek", "hidden_size": 64},
+        ),
+    ],
+)
+def test_dense_configs_of_moe_types_are_refused(moe, dense):
+    assert plugins.adapter_for_config(moe).name == moe["model_type"]
+    with pytest.raises(MlxfunError, match="dense model"):
+        plugins.adapter_for_config(dense)
+
+
+def test_granitemoehybrid_dense_model_is_refused():
+    """The dense Granite 4.0-H really builds no MoE layer, which is why its config is refused."""
+    args = dict(GRANITEMOEHYBRID, num_local_experts=None, num_experts_per_tok=None)
+    model = build_tiny("granitemoehybrid", args)
+    adapter = plugins.get_adapter("granitemoehybrid")
+    assert adapter.moe_layers(model) == []
+
+
 def test_dbrx_is_refused_with_the_reason():
     with pytest.raises(MlxfunError, match="Python list"):
         plugins.adapter_for_config({"model_type": "dbrx"})

@@ -260,19 +260,31 @@ class RoutedAdapter(MoEAdapter):
 
 @attrs.define(kw_only=True, frozen=True)
 class ExpertCountAdapter(RoutedAdapter):
-    """Matches its model types only when the config (or its ``text_config``) describes experts:
-    the same model type also names dense checkpoints (qwen3_5 with ``num_experts`` 0, which is
-    mlx-lm's default). A bare ``{"model_type": ...}`` is accepted."""
+    """Matches its model types only when the config (or its ``text_config``) has at least
+    ``min_experts`` experts under ``experts_key``: the same model type also names dense
+    checkpoints (qwen3_5 with ``num_experts`` 0, mlx-lm's default; Granite 4.0-H dense models;
+    jamba and hunyuan with one expert). A config without the key counts as ``missing`` experts
+    when it describes a model (has ``hidden_size``); a bare ``{"model_type": ...}`` matches."""
 
     experts_key: str = "num_experts"
+    min_experts: int = 1
+    missing: int = 0
 
     def matches(self, config: dict) -> bool:
         if config.get("model_type") not in self.model_types:
             return False
         text = config.get("text_config") or config
-        if self.experts_key in text or "hidden_size" in text:
-            return bool(text.get(self.experts_key) or 0)
-        return True
+        if self.experts_key not in text and "hidden_size" not in text:
+            return True
+        count = text.get(self.experts_key, self.missing)
+        return (count or 0) >= self.min_experts
+
+
+def _dense(what: str) -> str:
+    return (
+        f"this config has {what}, so mlx-lm builds a dense model with no MoE layers "
+        "(nothing to observe or prune)"
+    )
 
 
 _DBRX_REASON = (
@@ -282,10 +294,7 @@ _DBRX_REASON = (
     "supporting it needs a core hook for list experts or converting the list into a SwitchGLU"
 )
 
-_DENSE_QWEN3_5 = (
-    "this Qwen3.5 config has no experts (num_experts is 0 or absent, mlx-lm's default), so it "
-    "builds a dense model with no MoE layers"
-)
+_DENSE_QWEN3_5 = _dense("no experts (num_experts is 0 or absent, mlx-lm's default for Qwen3.5)")
 
 
 ADAPTERS = [
@@ -298,7 +307,7 @@ ADAPTERS = [
         route=topk_softmax(),
         num_experts_keys=("num_local_experts",),
     ),
-    MoEAdapter(
+    ExpertCountAdapter(
         name="jamba",
         model_types=("jamba",),
         description="Jamba (Mamba/attention hybrid): top-k of router logits, softmax over the k",
@@ -307,8 +316,12 @@ ADAPTERS = [
         router_attr="router",
         route=topk_softmax(),
         num_experts_keys=("num_experts",),
+        experts_key="num_experts",
+        min_experts=2,
+        unsupported={"jamba": _dense("num_experts 1")},
         notes="MoE blocks are layers[i].feed_forward where (i + expert_layer_offset) % "
-        "expert_layer_period == 0; mlx-lm builds no MoE layer at all when num_experts is 1.",
+        "expert_layer_period == 0; mlx-lm builds no MoE layer at all when num_experts is 1, so "
+        "pruning must keep at least 2 experts.",
     ),
     MoEAdapter(
         name="phixtral",
@@ -332,7 +345,7 @@ ADAPTERS = [
         route=logits_topk_softmax(top_k="router.top_k", fp32=True, precise=False),
         num_experts_keys=("num_local_experts",),
     ),
-    MoEAdapter(
+    ExpertCountAdapter(
         name="granitemoehybrid",
         model_types=("granitemoehybrid",),
         description="Granite 4 hybrid (Mamba2/attention): top-k of router logits, softmax over k",
@@ -341,6 +354,8 @@ ADAPTERS = [
         router_attr="router.layer",
         route=logits_topk_softmax(top_k="router.top_k"),
         num_experts_keys=("num_local_experts",),
+        experts_key="num_local_experts",
+        unsupported={"granitemoehybrid": _dense("no num_local_experts (a dense Granite 4.0-H)")},
         notes="The ungated shared expert is a sibling of the block, layers[i].shared_mlp "
         "(fused input_linear gate|up, output_linear), not an attribute of block_sparse_moe, so "
         "it is not in shared_attrs (those are block-relative).",
@@ -436,7 +451,7 @@ ADAPTERS = [
         route=softmax_topk(),
         num_experts_keys=("num_experts",),
     ),
-    MoEAdapter(
+    ExpertCountAdapter(
         name="hunyuan",
         model_types=("hunyuan",),
         description="Hunyuan: softmax over all experts, top-k, no renormalisation; ungated shared MLP",
@@ -446,10 +461,13 @@ ADAPTERS = [
         shared_attrs=("shared_mlp",),
         num_experts_keys=("num_experts",),
         top_k_keys=("moe_topk",),
+        experts_key="num_experts",
+        min_experts=2,
+        unsupported={"hunyuan": _dense("num_experts 1")},
         notes="moe_topk may be a per-layer list; mlx-lm builds a dense MLP when num_experts is 1, "
         "so pruning must keep at least 2 experts. shared_mlp exists only with use_mixed_mlp_moe.",
     ),
-    MoEAdapter(
+    ExpertCountAdapter(
         name="deepseek",
         model_types=("deepseek",),
         description="DeepSeek-MoE (v1): softmax over all experts, top-k, no renorm; shared experts",
@@ -458,6 +476,8 @@ ADAPTERS = [
         route=softmax_all_topk(top_k="gate.top_k"),
         shared_attrs=("shared_experts",),
         num_experts_keys=("n_routed_experts",),
+        experts_key="n_routed_experts",
+        unsupported={"deepseek": _dense("no n_routed_experts")},
         notes="The router is a raw (E, H) array (MoEGate.weight, never quantized); MoE layers "
         "are i >= first_k_dense_replace with i % moe_layer_freq == 0.",
     ),
