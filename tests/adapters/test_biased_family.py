@@ -884,6 +884,7 @@ FAMILY_C_TYPES = {
     "afmoe",
     "mistral4",
     "mistral3",
+    "llava",
     "solar_open",
 }
 

@@ -274,7 +274,9 @@ def mlx_lm_model_type(config: dict) -> str | None:
 
 
 def _wraps_mistral4(config: dict) -> bool:
-    if config.get("model_type") != "mistral3":
+    """mistral3 (and its alias llava) hold a ministral3, mistral4 or llama text model: only the
+    mistral4 one is MoE."""
+    if config.get("model_type") not in ("mistral3", "llava"):
         return True
     text = config.get("text_config")
     return isinstance(text, dict) and text.get("model_type") == "mistral4"
@@ -317,6 +319,11 @@ _MOE_GATE = dict(
     route=block_select("group_expert_select", _moe_gate_arguments),
     shared_attrs=("shared_experts",),
     num_experts_keys=("n_routed_experts",),
+)
+
+_DENSE_MISTRAL3 = (
+    "only {model_type} checkpoints whose text_config.model_type is 'mistral4' have MoE layers; "
+    "this one wraps a dense text model (ministral3 or llama)"
 )
 
 _LATENT_NOTE = (
@@ -511,8 +518,8 @@ ADAPTERS = [
     ),
     BiasedAdapter(
         name="mistral4",
-        model_types=("mistral4", "mistral3"),
-        description="Mistral-4 (also under mistral3): softmax over all experts, group-limited "
+        model_types=("mistral4", "mistral3", "llava"),
+        description="Mistral-4 (also under mistral3 / llava): softmax over all experts, group-limited "
         "top-k, renorm, routed_scaling_factor; no correction bias",
         router_family="C: softmax, group-limited top-k, renorm, scaled",
         router_attr="gate",
@@ -521,11 +528,11 @@ ADAPTERS = [
         num_experts_keys=("n_routed_experts", "text_config.n_routed_experts"),
         requires=_wraps_mistral4,
         unsupported={
-            "mistral3": "only mistral3 checkpoints whose text_config.model_type is 'mistral4' "
-            "have MoE layers; this one wraps a dense text model"
+            "mistral3": _DENSE_MISTRAL3.format(model_type="mistral3"),
+            "llava": _DENSE_MISTRAL3.format(model_type="llava (loaded as mistral3)"),
         },
-        notes="mistral3 configs nest the text model under text_config (matched only when its "
-        "model_type is 'mistral4'). Renormalises even when top-k is 1. " + group_note(),
+        notes="mistral3 / llava configs nest the text model under text_config (matched only "
+        "when its model_type is 'mistral4'). Renormalises even when top-k is 1. " + group_note(),
     ),
     BiasedAdapter(
         name="deepseek_v2",
