@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from mlxfun.core import plugins
 from mlxfun.core.errors import MlxfunError
+from mlxfun.core.hooks import call_hooks
 from mlxfun.core.observe import Observer
 
 from .harness import build_tiny, check_architecture, dequantized
@@ -904,3 +905,96 @@ def test_declaration_is_complete(name):
     adapter = plugins.get_adapter(name)
     assert adapter.description and adapter.router_family
     assert adapter.num_experts_keys
+
+
+# ---------------------------------------------------------------------------------------------
+# every architecture: the weights rebuild the block's output, and bf16 selections match
+
+
+def _gated_shared(block, x):
+    return mx.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+
+
+def _klear_shared(block, x):
+    return mx.softmax(block.coefficient(x), axis=-1, precise=True)[..., 1:] * block.shared_experts(
+        x
+    )
+
+
+# model type, mlx-lm module, tiny args, the block's output that is not routed (None: nothing)
+ARCHITECTURES = [
+    ("jamba", "jamba", JAMBA, None),
+    ("phixtral", "phixtral", PHIXTRAL, None),
+    ("granitemoe", "granitemoe", GRANITEMOE, None),
+    ("granitemoehybrid", "granitemoehybrid", GRANITEMOEHYBRID, None),
+    ("gpt_oss", "gpt_oss", GPT_OSS, None),
+    ("qwen2_moe", "qwen2_moe", QWEN2_MOE, _gated_shared),
+    ("qwen3_next", "qwen3_next", QWEN3_NEXT, _gated_shared),
+    ("qwen3_5_moe", "qwen3_5_moe", dict(text_config=QWEN3_5_TEXT), _gated_shared),
+    ("qwen3_vl_moe", "qwen3_vl_moe", dict(text_config=QWEN3_MOE_TEXT), None),
+    ("olmoe", "olmoe", OLMOE, None),
+    ("mellum", "mellum", MELLUM, None),
+    ("hunyuan", "hunyuan", HUNYUAN, lambda b, x: b.shared_mlp(x)),
+    ("deepseek", "deepseek", DEEPSEEK, lambda b, x: b.shared_experts(x)),
+    ("ernie4_5_moe", "ernie4_5_moe", ERNIE, lambda b, x: b.shared_experts(x)),
+    ("phimoe", "phimoe", dict(PHIMOE, router_jitter_noise=0.3), None),
+    ("minimax", "minimax", MINIMAX, None),
+    (
+        "minimax_m3_vl",
+        "minimax_m3_vl",
+        dict(text_config=MINIMAX_M3_TEXT),
+        lambda b, x: b.shared_experts(x),
+    ),
+    ("Klear", "Klear", KLEAR, _klear_shared),
+    ("lfm2_moe", "lfm2_moe", LFM2_MOE, None),
+    ("laguna", "laguna", LAGUNA, lambda b, x: b.shared_expert(x)),
+    ("step3p5", "step3p5", STEP3P5, lambda b, x: b.share_expert(x)),
+]
+
+TOKENS = mx.array(np.random.default_rng(2).integers(0, 256, (2, 16)))
+
+
+@pytest.mark.parametrize(
+    "model_type, module, args, shared", ARCHITECTURES, ids=[a[0] for a in ARCHITECTURES]
+)
+def test_weights_rebuild_the_block_output(model_type, module, args, shared):
+    """block(x) == sum_k w_k f_k(x) + the non-routed part: the reported weights are exactly the
+    factors that multiply each expert's output (scaling and mixing coefficients included)."""
+    model = build_tiny(module, args)
+    adapter = plugins.adapter_for_config({"model_type": model_type})
+    with Observer(model, adapter, frozenset({"selected", "weights", "outputs"})) as observer:
+        model(TOKENS)
+    observations = observer.observations()
+    layers = adapter.moe_layers(model)
+    seen = {}
+
+    def hook(position):
+        def wrapper(module, call, x, *a, **k):
+            seen[position] = (x, call(x, *a, **k))
+            return seen[position][1]
+
+        return wrapper
+
+    with call_hooks([(layer.block, hook(layer.position)) for layer in layers]):
+        mx.eval(model(TOKENS))
+    for layer, obs in zip(layers, observations):
+        x, y = seen[layer.position]
+        rest = np.zeros(y.shape) if shared is None else np.array(shared(layer.block, x))
+        y = np.array(y, dtype=np.float64).reshape(-1, y.shape[-1])
+        routed = np.einsum("tk,tkh->th", obs.weights, obs.outputs)
+        np.testing.assert_allclose(routed + rest.reshape(y.shape), y, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "model_type, module, args, shared", ARCHITECTURES, ids=[a[0] for a in ARCHITECTURES]
+)
+def test_bfloat16_selection_matches_the_block(model_type, module, args, shared):
+    """In bf16 the routers' float32 casts matter: the observer's check that the adapter selects
+    what the block selected must still pass (4-bit experts: CPU gather_mm needs float32)."""
+    model = build_tiny(module, args, bits=4)
+    model.set_dtype(mx.bfloat16)
+    adapter = plugins.adapter_for_config({"model_type": model_type})
+    tokens = mx.array(np.random.default_rng(1).integers(0, 256, (4, 64)))
+    with Observer(model, adapter) as observer:
+        model(tokens)
+    assert all(obs.num_tokens == 256 for obs in observer.observations())

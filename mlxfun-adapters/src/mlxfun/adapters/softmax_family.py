@@ -145,7 +145,8 @@ def sigmoid_topk(
         k = _attr(block, top_k)
         scores = mx.sigmoid(logits.astype(mx.float32) if fp32 else logits)
         correction = _attr(block, bias) if bias is not None else None
-        chosen_by = scores if correction is None else scores + correction
+        # the blocks add the bias in float32 (lfm2_moe casts bf16 scores up first)
+        chosen_by = scores if correction is None else scores.astype(mx.float32) + correction
         inds = _top_k_indices(chosen_by, k, largest_last)
         weights = mx.take_along_axis(scores, inds, axis=-1)
         if _flag(block, norm):
