@@ -264,12 +264,11 @@ class ExpertCountAdapter(RoutedAdapter):
     """Matches its model types only when the config (or its ``text_config``) has at least
     ``min_experts`` experts under ``experts_key``: the same model type also names dense
     checkpoints (qwen3_5 with ``num_experts`` 0, mlx-lm's default; Granite 4.0-H dense models;
-    jamba and hunyuan with one expert). A config without the key counts as ``missing`` experts
-    when it describes a model (has ``hidden_size``); a bare ``{"model_type": ...}`` matches."""
+    jamba and hunyuan with one expert). A config that describes a model (has ``hidden_size``)
+    without the key has no experts; a bare ``{"model_type": ...}`` matches."""
 
     experts_key: str = "num_experts"
     min_experts: int = 1
-    missing: int = 0
 
     def matches(self, config: dict) -> bool:
         if config.get("model_type") not in self.model_types:
@@ -277,8 +276,7 @@ class ExpertCountAdapter(RoutedAdapter):
         text = config.get("text_config") or config
         if self.experts_key not in text and "hidden_size" not in text:
             return True
-        count = text.get(self.experts_key, self.missing)
-        return (count or 0) >= self.min_experts
+        return (text.get(self.experts_key) or 0) >= self.min_experts
 
 
 def _dense(what: str) -> str:
