@@ -15,6 +15,7 @@ the group limit and negative biased scores are exercised on many more tokens.
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_map_with_path
 from mlxfun.core import plugins
 from mlxfun.core.errors import MlxfunError
 from mlxfun.core.observe import Observer
@@ -574,12 +575,32 @@ def check(config, model, ref_route, expected_adapter, tokens=TOKENS, direct_toke
     x = mx.array(
         np.random.default_rng(2).normal(size=(1, direct_tokens, hidden)).astype(np.float32)
     )
-    with Observer(model, adapter, {"selected", "weights"}) as observer:
-        for layer in observer.layers:
-            mx.eval(layer.block(x))
+    with Observer(model, adapter, {"selected", "weights", "outputs"}) as observer:
+        outputs = [layer.block(x) for layer in observer.layers]
+        mx.eval(outputs)
+    observations = observer.observations()
     direct = {layer.position: np.array(x[0], dtype=np.float64) for layer in layers}
-    compare(observer.observations(), layers, direct, ref_route, "direct")
+    compare(observations, layers, direct, ref_route, "direct")
+
+    # 5. the reported weights are the ones the block multiplies: its output is the weighted sum
+    # of the observed expert outputs plus the shared experts (non-latent blocks)
+    for layer, obs, out in zip(layers, observations, outputs):
+        if adapter.expert_input_attr and hasattr(layer.block, adapter.expert_input_attr):
+            continue
+        expected = np.einsum("tk,tkh->th", obs.weights, obs.outputs)
+        shared = getattr(layer.block, "shared_experts", None)
+        if shared is not None and shared_used(layer.block):
+            expected = expected + np.array(shared(x)[0])
+        np.testing.assert_allclose(
+            np.array(out[0]), expected, atol=1e-4, rtol=1e-4, err_msg=f"layer {layer.index} sum"
+        )
     return adapter, layers
+
+
+def shared_used(block):
+    """Whether the block adds its shared experts (dots1 builds them but may not add them)."""
+    n_shared = getattr(block, "n_shared_experts", 1)
+    return n_shared is not None
 
 
 def build(model_type, cfg, bits, bias_scale=1.0):
@@ -832,6 +853,53 @@ def test_deepseek_v2_greedy():
     cfg = dict(DEEPSEEK_V2, topk_method="greedy")
     model = build("deepseek_v2", cfg, None)
     check({"model_type": "deepseek_v2", **cfg}, model, deepseek_v2_reference(cfg), "deepseek_v2")
+
+
+# ---------------------------------------------------------------------------------------------
+# bfloat16 with 4-bit experts (how these models run): the dtype casts inside the routers
+
+BF16_CASES = [
+    *MOE_GATE_CASES,
+    ("nemotron_h", NEMOTRON_H_LATENT, "nemotron_h"),
+    ("exaone_moe", EXAONE_MOE, "exaone_moe"),
+    ("kimi_vl", KIMI_VL, "kimi_vl"),
+    ("kimi_linear", KIMI_LINEAR, "kimi_linear"),
+    ("kimi_k3", KIMI_K3_LATENT, "kimi_k3"),
+    ("bailing_moe", BAILING_MOE, "bailing_moe"),
+    ("bailing_moe_linear", BAILING_MOE_LINEAR, "bailing_moe"),
+    ("bailing_hybrid", BAILING_HYBRID, "bailing_hybrid"),
+    ("bailing_moe_v3", BAILING_MOE_V3, "bailing_moe_v3"),
+    ("afmoe", AFMOE, "afmoe"),
+    ("mistral4", MISTRAL4, "mistral4"),
+    ("deepseek_v2", DEEPSEEK_V2, "deepseek_v2"),
+]
+
+
+@pytest.mark.parametrize(
+    "model_type,cfg,name", BF16_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(BF16_CASES)]
+)
+def test_bfloat16_selection_is_the_blocks(model_type, cfg, name):
+    """bf16 activations and routers (correction biases stay float32, as mlx-lm's
+    cast_predicate keeps them): on 512 tokens per block the adapter selects what the block
+    selected (the observer raises otherwise) and its weights are finite and scaled."""
+    model = build(model_type, cfg, 4)
+    keep = getattr(model, "cast_predicate", lambda path: True)
+
+    def cast(path, value):
+        if value.dtype == mx.float32 and keep(path):
+            return value.astype(mx.bfloat16)
+        return value
+
+    model.update(tree_map_with_path(cast, model.parameters()))
+    adapter = plugins.adapter_for_config({"model_type": model_type, **cfg})
+    assert adapter.name == name
+    x = mx.array(np.random.default_rng(4).normal(size=(1, 512, 64))).astype(mx.bfloat16)
+    with Observer(model, adapter, {"selected", "weights"}) as observer:
+        for layer in observer.layers:
+            mx.eval(layer.block(x))
+    for obs in observer.observations():
+        assert obs.selected.shape == (512, 2)
+        assert np.isfinite(obs.weights).all() and (obs.weights > 0).all()
 
 
 # ---------------------------------------------------------------------------------------------
