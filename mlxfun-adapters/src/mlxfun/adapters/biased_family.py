@@ -38,14 +38,14 @@ ARCHITECTURE_REMAPPING = {("bailing_hybrid", "BailingMoeV3ForCausalLM"): "bailin
 
 _GROUP_NOTE = (
     "Group-limited selection splits the experts into {n_group} groups of contiguous indices: "
-    "pruning must keep the expert count divisible by {n_group} (prune the same number from "
+    "pruning must keep {experts} divisible by {n_group} (prune the same number from "
     "every group to keep the groups' meaning), and topk_group groups must still hold at least "
     "top-k experts."
 )
 
 
-def group_note(n_group_key: str = "n_group") -> str:
-    return _GROUP_NOTE.format(n_group=n_group_key)
+def group_note(experts_key: str = "n_routed_experts", n_group_key: str = "n_group") -> str:
+    return _GROUP_NOTE.format(experts=experts_key, n_group=n_group_key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +369,8 @@ ADAPTERS = [
         name="kimi_vl",
         model_types=("kimi_vl", "kimi_k25"),
         description="Kimi-VL / Kimi-K2.5: a DeepSeek-V3 language model under language_model",
-        notes="The config nests the text model under text_config. " + group_note(),
+        notes="The config nests the text model under text_config. "
+        + group_note("text_config.n_routed_experts"),
         **{**_MOE_GATE, "num_experts_keys": ("text_config.n_routed_experts",)},
     ),
     BiasedAdapter(
@@ -386,7 +387,7 @@ ADAPTERS = [
         model_types=("exaone_moe",),
         description="EXAONE-MoE: sigmoid + correction bias, group-limited top-k, renorm, "
         "routed_scaling_factor",
-        notes="MoE layers are those with is_moe_layer[i]. " + group_note(),
+        notes="MoE layers are those with is_moe_layer[i]. " + group_note("num_experts"),
         **{**_MOE_GATE, "num_experts_keys": ("num_experts",)},
     ),
     BiasedAdapter(
@@ -429,7 +430,7 @@ ADAPTERS = [
         top_k_attrs=("args.num_experts_per_token",),
         top_k_keys=("num_experts_per_token",),
         notes="use_grouped_topk is ignored by mlx-lm: num_expert_group/topk_group always "
-        "apply. " + group_note("num_expert_group"),
+        "apply. " + group_note("num_experts", "num_expert_group"),
     ),
     BiasedAdapter(
         name="kimi_k3",
@@ -445,7 +446,7 @@ ADAPTERS = [
         # mlx-lm accepts the config flat or under text_config: edit the keys that are present.
         num_experts_keys=("text_config.num_experts", "num_experts"),
         top_k_attrs=("args.num_experts_per_token",),
-        top_k_keys=("num_experts_per_token",),
+        top_k_keys=("text_config.num_experts_per_token", "num_experts_per_token"),
         notes=_LATENT_NOTE.format(
             attr="routed_expert_hidden_size",
             size="routed_expert_hidden_size",
@@ -453,7 +454,7 @@ ADAPTERS = [
             after="routed_expert_up_proj (after routed_expert_norm when latent_moe_use_norm)",
         )
         + " "
-        + group_note("num_expert_group"),
+        + group_note("num_experts", "num_expert_group"),
     ),
     BiasedAdapter(
         name="bailing_moe",
@@ -468,7 +469,7 @@ ADAPTERS = [
         num_experts_keys=("num_experts",),
         notes="gate.expert_bias is None unless moe_router_enable_expert_bias; "
         "moe_router_enable_routed_scaling is ignored by mlx-lm (the scaling always applies). "
-        + group_note(),
+        + group_note("num_experts"),
     ),
     BiasedAdapter(
         name="bailing_hybrid",
@@ -483,7 +484,7 @@ ADAPTERS = [
         num_experts_keys=("num_experts",),
         notes="Configs with architectures ['BailingMoeV3ForCausalLM'] load bailing_moe_v3 "
         "instead (its own adapter). gate.expert_bias is None unless "
-        "moe_router_enable_expert_bias. " + group_note(),
+        "moe_router_enable_expert_bias. " + group_note("num_experts"),
     ),
     BiasedAdapter(
         name="bailing_moe_v3",
@@ -499,7 +500,7 @@ ADAPTERS = [
         num_experts_keys=("num_experts",),
         notes="Matched from config model_type 'bailing_hybrid' with architectures "
         "['BailingMoeV3ForCausalLM'], as mlx-lm remaps it. The group limit always applies "
-        "and the weights are always renormalised. " + group_note(),
+        "and the weights are always renormalised. " + group_note("num_experts"),
     ),
     BiasedAdapter(
         name="afmoe",
@@ -514,7 +515,7 @@ ADAPTERS = [
         shared_attrs=("shared_experts",),
         num_experts_keys=("num_experts",),
         notes="MoE layers are i >= num_dense_layers; post_mlp_layernorm normalises the block "
-        "output outside the block. " + group_note(),
+        "output outside the block. " + group_note("num_experts"),
     ),
     BiasedAdapter(
         name="mistral4",
