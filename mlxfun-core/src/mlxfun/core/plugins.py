@@ -31,6 +31,7 @@ _load_failures: list[PluginInfo] = []
 _plugin_dists: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
 _registry: dict[str, dict[str, PluginInfo]] | None = None
 _registry_failures: list[PluginInfo] = []
+_untrace = None  # undoes MLXFUN_TRACE_PLUGINS tracing
 
 
 def _normalize(dist_name: str) -> str:
@@ -50,13 +51,13 @@ def _fail(failure: PluginInfo, failures: list[PluginInfo]) -> None:
 
 def load_plugins() -> None:
     """Load every ``mlxfun`` entry point once; a failing one is reported and skipped."""
-    global _loaded
+    global _loaded, _untrace
     if _loaded:
         return
     _loaded = True
     if os.environ.get("MLXFUN_TRACE_PLUGINS") == "1":
         pm.trace.root.setwriter(lambda text: print(text, end="", file=sys.stderr))
-        pm.enable_tracing()
+        _untrace = pm.enable_tracing()
     only = os.environ.get("MLXFUN_LOAD_PLUGINS")
     allowed = None if only is None else {_normalize(d) for d in only.split(",") if d.strip()}
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -102,6 +103,23 @@ def register_plugin(plugin, name: str, distribution: str = "local", version: str
 def unregister_plugin(name: str) -> None:
     pm.unregister(name=name)
     _plugin_dists.pop(name, None)
+    _reset_registry()
+
+
+def reset() -> None:
+    """Forget every loaded plugin and failure; the next lookup loads the entry points again.
+
+    For tests that load plugins under other ``MLXFUN_*`` settings (``mlxfun.core.testing``).
+    """
+    global _loaded, _untrace
+    for name, _ in pm.list_name_plugin():
+        pm.unregister(name=name)
+    if _untrace is not None:
+        _untrace()
+        _untrace = None
+    _loaded = False
+    _load_failures.clear()
+    _plugin_dists.clear()
     _reset_registry()
 
 
