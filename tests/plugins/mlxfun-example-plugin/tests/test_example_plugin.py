@@ -1,7 +1,10 @@
 """The example plugin's own tests: mlxfun's conformance kit plus what is specific to it."""
 
+import mlx.core as mx
 import numpy as np
 from mlxfun.core import testing
+from mlxfun.core.observe import Observer
+from mlxfun.core.stats import StatsCollector
 from mlxfun.core.types import LayerObservation
 from mlxfun_example_plugin.adapter import EXAMPLE_MOE
 from mlxfun_example_plugin.scorer import TokenShare
@@ -50,15 +53,10 @@ def test_token_share_is_the_fraction_of_tokens():
 
 
 def test_token_shares_of_a_real_forward_sum_to_top_k():
-    from mlxfun.core.observe import Observer
-    from mlxfun.core.stats import StatsCollector
-
     model = testing.build_tiny_model("example_moe", TINY, module="qwen3_moe", seed=1)
-    tokens = np.random.default_rng(0).integers(0, 64, (2, 10))
+    tokens = mx.array(np.random.default_rng(0).integers(0, 64, (2, 10)))
     collector = StatsCollector([TokenShare()], num_layers=2, num_experts=6)
     with Observer(model, EXAMPLE_MOE) as observer:
-        import mlx.core as mx
-
-        model(mx.array(tokens))
+        model(tokens)
     collector.update(observer.observations())
     np.testing.assert_allclose(collector.scores()["token_share"].sum(axis=1), [2.0, 2.0])
