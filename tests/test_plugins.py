@@ -370,3 +370,25 @@ def test_help_and_plugins_do_not_import_mlx_or_scipy():
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLXFUN_")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
+
+
+# ----- the plugin-author guide shows the example package as it is
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "pyproject.toml",
+        "src/mlxfun_example_plugin/__init__.py",
+        "src/mlxfun_example_plugin/adapter.py",
+        "src/mlxfun_example_plugin/scorer.py",
+        "tests/test_example_plugin.py",
+    ],
+)
+def test_docs_show_the_example_plugin_in_full(path):
+    root = Path(__file__).parent
+    guide = (root.parent / "docs" / "plugins.md").read_text()
+    source = (root / "plugins" / "mlxfun-example-plugin" / path).read_text().rstrip()
+    assert f"`{path}`:\n\n```" in guide and f"\n{source}\n```" in guide, (
+        f"docs/plugins.md does not show {path} as it is; paste the current file"
+    )
