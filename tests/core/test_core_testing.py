@@ -105,6 +105,13 @@ class UndeclaredNorms(CountScorer):
         np.add.at(acc["count"][obs.layer], obs.selected.reshape(-1), obs.norms.reshape(-1))
 
 
+class ReturnsNew(CountScorer):
+    def update(self, acc, obs):
+        new = {"count": acc["count"].copy()}
+        np.add.at(new["count"][obs.layer], obs.selected.reshape(-1), 1.0)
+        return new
+
+
 class WrongShape(CountScorer):
     def finalize(self, acc):
         return acc["count"].T
@@ -147,7 +154,8 @@ class MaxWithoutCombine(CountScorer):
         (Float32Init(), "init\\(\\)\\['count'\\] must be a float64 numpy array"),
         (SharedArrays(), "init\\(\\) returned arrays shared between calls"),
         (NoUpdate(), "update\\(\\) did not change the accumulators"),
-        (UndeclaredNorms(), "it may only use selected, weights and what `needs` lists"),
+        (UndeclaredNorms(), "an observation has only selected, weights and what `needs` lists"),
+        (ReturnsNew(), "update\\(\\) returned new accumulators; .* change `acc` in place"),
         (WrongShape(), "gave shape \\(8, 3\\), expected \\(num_layers, num_experts\\)"),
         (NaNForUnrouted(), "gave NaN or inf"),
         (MutatingFinalize(), "finalize\\(\\) modified the accumulators"),

@@ -275,19 +275,20 @@ def check_scorer(
         for batch in batches:
             for obs in batch:
                 try:
-                    if scorer.update(result, obs) is not None:
-                        _fail(
-                            label,
-                            "update() must change the accumulators in place and return "
-                            "None (mlxfun ignores what it returns)",
-                        )
+                    returned = scorer.update(result, obs)
                 except (AttributeError, TypeError) as exc:
                     missing = [f for f in ("norms", "logits", "outputs") if getattr(obs, f) is None]
                     _fail(
                         label,
-                        f"update() failed with {type(exc).__name__}: {exc}; it may only "
-                        f"use selected, weights and what `needs` lists ({sorted(needs)}); "
-                        f"not observed here: {', '.join(missing)}",
+                        f"update() failed with {type(exc).__name__}: {exc}; an observation "
+                        f"has only selected, weights and what `needs` lists ({sorted(needs)}), "
+                        f"here not: {', '.join(missing)}",
+                    )
+                if returned is not None and returned is not result:
+                    _fail(
+                        label,
+                        "update() returned new accumulators; mlxfun ignores what it returns, "
+                        "so change `acc` in place",
                     )
         return result
 
