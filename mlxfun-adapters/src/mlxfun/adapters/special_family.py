@@ -1,3 +1,330 @@
-"""Adapters: see the module docstring once filled in."""
+"""Adapters for architectures whose routing does not fit the common families: llama4 (the
+router score scales the expert *input*), gemma4 (a router on its own normalised input, beside a
+dense MLP) and deepseek_v41 (experts inside an ``Experts`` wrapper, a choice of score function);
+plus the reasons longcat_flash(_ngram) and muse_spark are not supported.
 
-ADAPTERS = []
+Every route below repeats the installed ``mlx_lm/models/<type>.py`` router operation by
+operation (same ``argpartition`` form, casts, epsilons), so the adapter selects exactly the
+experts the block selected; the observer checks this on every token.
+
+What g_j and f_j mean here, where it is not the usual "router weight times expert(x)":
+
+* llama4 computes ``experts(x * sigmoid(z_j), j)`` for the top-1 expert j and adds nothing
+  else from the router. The reported gate weight is g_j = 1 and the raw output is
+  f_j = expert_j(sigmoid(z_j(x)) * x), the expert evaluated on its scaled input, which is what
+  the block adds to the residual stream. So REAP = mean ||f_j|| is the mean norm of the expert's
+  real contribution (the quantity REAP estimates for ordinary routers, ||g_j f_j||), and
+  weighted frequency equals frequency. The alternative g_j = sigmoid(z_j), f_j = expert_j(x)
+  would not add up to the block's output (SwiGLU is not homogeneous:
+  expert(s x) != s expert(x)) and is not what the observer records (the experts call receives
+  the scaled input). The sigmoid scores remain available as ``logits`` (the router's logits).
+  ``all_expert_outputs`` evaluates every expert on its own scaled input, sigmoid(z_j) x.
+* gemma4: g_j = softmax over the top-k logits times ``per_expert_scale[j]``, f_j = the GeGLU
+  expert on ``pre_feedforward_layernorm_2(h)``; the weighted sum then goes through
+  ``post_feedforward_layernorm_2`` before it is added to the dense MLP's output, so REAP
+  measures the contributions before that norm.
+
+MLX is imported inside the functions so that listing plugins does not import it.
+"""
+
+import re
+from typing import Any
+
+import attrs
+from mlxfun.core.adapter import MoEAdapter, MoELayer, expert_projections, get_path
+
+LLAMA4_FAMILY = "special: top-1 sigmoid score scales the expert input"
+GEMMA4_FAMILY = "special: top-k logits on a normalised input, softmax over k, per-expert scale"
+DEEPSEEK_V41_FAMILY = "D: sigmoid|softmax|sqrt-softplus + bias, top-k, renorm, scaled"
+
+
+# ---------------------------------------------------------------------------------------------
+# llama4
+
+
+def llama4_route(block, logits):
+    """llama4 ``MoE``: the top-k (always 1) logits, chosen with ``argpartition(-logits)``; the
+    gate weight is 1 because the block applies the sigmoid score to the expert's input."""
+    import mlx.core as mx
+
+    k = block.top_k
+    indices = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+    return indices, mx.ones(indices.shape, dtype=mx.float32)
+
+
+@attrs.define(kw_only=True, frozen=True)
+class InputScaledAdapter(MoEAdapter):
+    """An adapter for blocks that multiply the expert *input* by the sigmoid of the router
+    logit, ``experts(x * sigmoid(z_j), j)`` (llama4). Raw expert outputs are computed on that
+    scaled input, as the block computes them; the gate weights are 1 (see the module
+    docstring)."""
+
+    def expert_outputs(self, layer: MoELayer, x, indices):
+        import mlx.core as mx
+
+        logits = self.router_logits(layer.block, x)
+        scores = mx.take_along_axis(logits, indices, axis=-1)
+        scores = mx.sigmoid(scores.astype(mx.float32)).astype(x.dtype)
+        # one scaled copy of x per slot: (..., k, H); each slot is its own "token" of one expert
+        scaled = mx.expand_dims(x, -2) * mx.expand_dims(scores, -1)
+        return layer.experts(scaled, mx.expand_dims(indices, -1)).squeeze(-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# gemma4
+
+
+def gemma4_logits(router, x):
+    """gemma4 ``Router``: RMS-normalise x with weight ``scale * hidden_size**-0.5``, project."""
+    import mlx.core as mx
+
+    return router.proj(mx.fast.rms_norm(x, router.scale * router._root_size, router.eps))
+
+
+def gemma4_route(router, logits):
+    """gemma4 ``Router``: top-k logits (``argpartition(z, kth=-k)[..., -k:]``), softmax over
+    the k, times the chosen experts' ``per_expert_scale``."""
+    import mlx.core as mx
+
+    k = router.config.top_k_experts
+    indices = mx.argpartition(logits, kth=-k, axis=-1)[..., -k:]
+    weights = mx.softmax(mx.take_along_axis(logits, indices, axis=-1), axis=-1)
+    return indices, weights * router.per_expert_scale[indices]
+
+
+@attrs.define
+class DecoderMoELayer(MoELayer):
+    """An MoE layer whose router is a sibling of the experts inside a decoder layer.
+
+    ``block`` is the router module (its input is what the router sees, which is what the
+    observer records), ``path`` the router's path; ``decoder`` is the decoder layer that holds
+    the router, the experts and ``expert_input`` (the norm the decoder applies to the router's
+    input before the experts)."""
+
+    decoder: Any = attrs.field(default=None, repr=False)
+    decoder_path: str = ""
+
+
+@attrs.define(kw_only=True, frozen=True)
+class DecoderRouterAdapter(MoEAdapter):
+    """For decoder layers that run the router and the experts themselves, with no MoE block
+    module (gemma4): ``<decoder>.<router_module>`` routes the post-attention hidden state h,
+    ``<decoder>.<experts_attr>`` holds the stacked experts and receives ``<decoder>.
+    <expert_input_attr>(h)``.
+
+    ``moe_layers`` returns ``DecoderMoELayer``s whose block is the router, because the core
+    observer records the block's input as the router's input and the decoder layer's input is
+    the pre-attention stream. ``router_attr``, ``top_k_attrs`` and ``per_expert_attrs`` are
+    relative to the router, ``experts_attr`` to the decoder layer. ``per_expert_attrs`` are
+    (experts,) vectors on the router besides the projection rows, to slice when pruning.
+
+    ``enable_key`` names the config flag (in ``text_config`` when present) without which
+    mlx-lm builds dense layers: such configs do not match."""
+
+    router_module: str = "router"
+    expert_input_attr: str = "pre_feedforward_layernorm_2"
+    per_expert_attrs: tuple[str, ...] = ()
+    enable_key: str = "enable_moe_block"
+
+    def matches(self, config: dict) -> bool:
+        if config.get("model_type") not in self.model_types:
+            return False
+        text = config.get("text_config") or config
+        if self.enable_key not in text and "hidden_size" not in text:
+            return True  # a bare {"model_type": ...}
+        return bool(text.get(self.enable_key))
+
+    def moe_layers(self, model) -> list[MoELayer]:
+        layers = []
+        suffix = "." + self.experts_attr
+        for path, module in model.named_modules():
+            if not path.endswith(suffix):
+                continue
+            names = expert_projections(module)
+            if not names or any(get_path(module, f"{n}.weight").ndim != 3 for n in names):
+                continue
+            decoder_path = path[: -len(suffix)]
+            decoder = get_path(model, decoder_path)
+            block = get_path(decoder, self.router_module)
+            numbers = re.findall(r"\.(\d+)(?:\.|$)", decoder_path)
+            layers.append(
+                DecoderMoELayer(
+                    position=0,
+                    index=int(numbers[-1]) if numbers else 0,
+                    path=f"{decoder_path}.{self.router_module}",
+                    block=block,
+                    experts=module,
+                    num_experts=get_path(module, names[0] + ".weight").shape[0],
+                    decoder=decoder,
+                    decoder_path=decoder_path,
+                )
+            )
+        layers.sort(key=lambda layer: layer.index)
+        for position, layer in enumerate(layers):
+            layer.position = position
+            layer.top_k = self.top_k(layer.block, model)
+        return layers
+
+    def expert_outputs(self, layer: MoELayer, x, indices):
+        """Raw outputs on the router's input ``x``: the decoder's expert-input norm first."""
+        return layer.experts(get_path(layer.decoder, self.expert_input_attr)(x), indices)
+
+
+# ---------------------------------------------------------------------------------------------
+# deepseek_v41
+
+
+def deepseek_v41_logits(block, x):
+    """deepseek_v41 ``MoE``: tokens flattened to (tokens, H), float32 x @ float32 router
+    weight (a raw array, never quantized)."""
+    import mlx.core as mx
+
+    flat = x.reshape(-1, x.shape[-1])
+    return flat.astype(mx.float32) @ block.gate.weight.astype(mx.float32).T
+
+
+def deepseek_v41_route(block, logits):
+    """deepseek_v41 ``Router``: logits / gate_temp; sigmoid, softmax or (any other
+    scoring_func) sqrt(softplus) scores; plus the selection-only correction bias; top-k; the
+    un-biased scores renormalised (+1e-20, when top-k > 1 and norm_topk_prob) times
+    routed_scaling_factor."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    gate = block.gate
+    logits = logits / gate.gate_temp
+    if gate.score_func == "sigmoid":
+        scores = mx.sigmoid(logits)
+    elif gate.score_func == "softmax":
+        scores = mx.softmax(logits, axis=-1)
+    else:
+        scores = mx.sqrt(nn.softplus(logits))
+    biased = scores + gate.e_score_correction_bias
+    chosen = mx.argpartition(-biased, gate.top_k - 1, axis=-1)[..., : gate.top_k]
+    weights = mx.take_along_axis(scores, chosen, axis=-1)
+    if gate.norm_topk_prob and gate.top_k > 1:
+        weights = weights / (mx.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return chosen, weights * gate.route_scale
+
+
+# ---------------------------------------------------------------------------------------------
+# longcat_flash (unsupported; the route is kept for when the core can observe zero experts)
+
+
+def longcat_route(block, logits):
+    """longcat_flash ``LongcatFlashTopkRouter`` on ``classifier`` logits: softmax over the
+    n_routed_experts + zero_expert_num experts, plus the selection-only correction bias, top-k
+    (``argpartition(z, kth=-k)[..., -k:]``), optional renormalisation (+1e-20), times
+    routed_scaling_factor. Indices >= n_routed_experts are identity ("zero") experts."""
+    import mlx.core as mx
+
+    router = block.router
+    scores = mx.softmax(logits, axis=-1)
+    corrected = scores + router.e_score_correction_bias
+    k = router.top_k
+    indices = mx.argpartition(corrected, kth=-k, axis=-1)[..., -k:]
+    weights = mx.take_along_axis(scores, indices, axis=-1)
+    if router.norm_topk_prob:
+        weights = weights / (mx.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return indices, weights * router.routed_scaling_factor
+
+
+_LONGCAT_REASON = (
+    "the router picks top-k of n_routed_experts + zero_expert_num experts; the zero "
+    "(identity) experts are added by the block itself (weight * x) and in their slots the block "
+    "passes expert 0 with weight 0 to the SwitchGLU, so the experts call the observer records "
+    "cannot tell a zero-expert slot from a real choice of expert 0 and every statistic would "
+    "count zero-expert slots as expert 0. Supporting it needs a core change: the observer must "
+    "take the selection from the adapter's routing (checked against the experts call through "
+    "an adapter-defined index mapping) and LayerObservation needs a mask for slots that are "
+    "not real experts (statistics over real experts only, the zero-expert share reported "
+    "separately); pruning must also keep zero_expert_num and the router's zero-expert rows"
+)
+
+_MUSE_SPARK_REASON = (
+    "its forward (routing in mlx_lm.kernels.expert_routing, norm_add_norm, "
+    "post_expert_norm_combine, ...) runs mx.fast.metal_kernel kernels with no fallback, so it "
+    "runs only on Apple-silicon Metal GPUs: not on the CPU or CUDA backends where mlxfun is "
+    "tested, so no adapter can be verified against the block's own selection"
+)
+
+_DENSE_GEMMA4 = (
+    "this config has enable_moe_block false (or absent, mlx-lm's default), so mlx-lm builds a "
+    "dense Gemma 4 with no MoE layers (nothing to observe or prune)"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Declarations
+
+ADAPTERS = [
+    InputScaledAdapter(
+        name="llama4",
+        model_types=("llama4",),
+        description="Llama 4: top-1 router logit; sigmoid score scales the expert input; shared expert",
+        router_family=LLAMA4_FAMILY,
+        experts_attr="experts",
+        router_attr="router",
+        route=llama4_route,
+        shared_attrs=("shared_expert",),
+        num_experts_keys=("text_config.num_local_experts",),
+        top_k_keys=("text_config.num_experts_per_tok",),
+        notes="MoE layers are i % interleave_moe_layer_step == step - 1 "
+        "(language_model.model.layers[i].feed_forward); mlx-lm asserts top-1. Reported gate "
+        "weights are 1 and raw outputs are expert_j(sigmoid(z_j) * x), the expert's real "
+        "contribution, so REAP is its mean norm and weighted_frequency equals frequency; the "
+        "router logits carry the scores. The ungated shared_expert (intermediate_size) is added "
+        "on the unscaled x.",
+    ),
+    DecoderRouterAdapter(
+        name="gemma4",
+        model_types=("gemma4", "gemma4_text", "gemma4_unified"),
+        description="Gemma 4 MoE: router on RMS-normalised h, top-k, softmax over k x per-expert scale",
+        router_family=GEMMA4_FAMILY,
+        experts_attr="experts.switch_glu",
+        router_attr="proj",
+        logits=gemma4_logits,
+        route=gemma4_route,
+        per_expert_attrs=("per_expert_scale",),
+        # gemma4/gemma4_unified configs nest the text model in text_config, gemma4_text is flat:
+        # edit the keys that are present.
+        num_experts_keys=("text_config.num_experts", "num_experts"),
+        top_k_attrs=("config.top_k_experts",),
+        top_k_keys=("top_k_experts", "text_config.top_k_experts"),
+        unsupported={t: _DENSE_GEMMA4 for t in ("gemma4", "gemma4_text", "gemma4_unified")},
+        notes="No MoE block module: each decoder layer (model.layers[i], or "
+        "language_model.model.layers[i]) runs router(h) and experts(pre_feedforward_layernorm_2"
+        "(h)) in parallel with its dense mlp (separate norms) and sums both after "
+        "post_feedforward_layernorm_1/_2. MoE layer paths point at the router (the module whose "
+        "input the router sees); experts_attr is relative to the decoder layer, router_attr "
+        "and per_expert_attrs to the router. Prune router.proj rows, router.per_expert_scale "
+        "and experts.switch_glu.*; router.scale is per hidden unit. The dense mlp is not a "
+        "shared expert of the router's input. gemma4_unified is mlx-lm's alias of gemma4.",
+    ),
+    MoEAdapter(
+        name="deepseek_v41",
+        model_types=("deepseek_v41", "deepseek_v41_text"),
+        description="DeepSeek-V4.1: sqrt-softplus (or sigmoid/softmax) + bias top-k, renorm, scaled",
+        router_family=DEEPSEEK_V41_FAMILY,
+        experts_attr="experts.switch_mlp",
+        router_attr="gate.weight",
+        logits=deepseek_v41_logits,
+        route=deepseek_v41_route,
+        correction_bias_attr="gate.e_score_correction_bias",
+        shared_attrs=("shared_experts",),
+        # ModelArgs reads text_config when the config has one: edit the keys that are present.
+        num_experts_keys=("text_config.n_routed_experts", "n_routed_experts"),
+        top_k_keys=("num_experts_per_tok", "text_config.num_experts_per_tok"),
+        unsupported={
+            "longcat_flash": _LONGCAT_REASON,
+            "longcat_flash_ngram": _LONGCAT_REASON,
+            "muse_spark": _MUSE_SPARK_REASON,
+        },
+        notes="Experts sit in an Experts wrapper (mlp.experts.switch_mlp, clamped SwiGLU "
+        "swiglu_limit); self_attn.o_a_proj is a grouped-output SwitchLinear, not an expert. The "
+        "router is a raw float32 (E, H) array (gate.weight) with a float32 "
+        "e_score_correction_bias; scoring_func sigmoid, softmax or sqrtsoftplus (the default "
+        "and any other value), divided by gate_temp first. The shared expert is ungated. "
+        "deepseek_v41_text is mlx-lm's alias.",
+    ),
+]
