@@ -24,6 +24,17 @@ What g_j and f_j mean here, where it is not the usual "router weight times exper
   ``post_feedforward_layernorm_2`` before it is added to the dense MLP's output, so REAP
   measures the contributions before that norm.
 
+gemma4 has no MoE block module: the decoder layer calls ``router(h)`` and ``experts(...)``
+itself, on the post-attention h, while its own input is the pre-attention stream. The core
+observer routes from the block's input, so the MoE layers' block (and path) is the router; the
+experts are ``<decoder>.experts.switch_glu``. Until the core can hook a router input separately
+from the block, ``mlxfun.core.inspect`` counts gemma4's experts under "other" (it looks for them
+at ``<path>.<experts_attr>``).
+
+longcat_flash's zero experts, once the core can observe them (see ``_LONGCAT_REASON``), should
+count in statistics over the real experts only, with the per-layer share of zero-expert slots
+reported beside them; ``longcat_route`` below already repeats the router.
+
 MLX is imported inside the functions so that listing plugins does not import it.
 """
 
