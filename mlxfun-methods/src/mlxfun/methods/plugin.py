@@ -9,3 +9,11 @@ def register_scorers(register):
 
     for scorer in SCORERS:
         register(scorer)
+
+
+@hookimpl
+def register_selectors(register):
+    from .selectors import SELECTORS
+
+    for selector in SELECTORS:
+        register(selector)
