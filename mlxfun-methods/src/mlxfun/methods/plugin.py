@@ -17,3 +17,11 @@ def register_selectors(register):
 
     for selector in SELECTORS:
         register(selector)
+
+
+@hookimpl
+def register_compressors(register):
+    from .prune import COMPRESSORS
+
+    for compressor in COMPRESSORS:
+        register(compressor)

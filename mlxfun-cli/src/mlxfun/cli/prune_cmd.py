@@ -1,0 +1,105 @@
+"""``mlxfun prune``: remove experts chosen from a stats file, writing an mlx-lm model directory."""
+
+from pathlib import Path
+
+import typer
+
+from .output import print_json, print_table
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1024
+    return str(nbytes)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("prune")
+    def prune(
+        model: Path = typer.Option(..., "--model", help="mlx-lm model directory (not modified)."),
+        stats: Path = typer.Option(
+            ..., "--stats", help="Stats file of this model (mlxfun collect)."
+        ),
+        output: Path = typer.Option(None, "--output", "-o", help="Directory to write."),
+        scorer: str = typer.Option("reap", "--scorer", help="Which statistic ranks the experts."),
+        selector: str = typer.Option(
+            "bottom", "--selector", help="bottom, strided, model-wide, or a plugin's selector."
+        ),
+        n: int = typer.Option(
+            None, "--n", help="Experts to remove per layer (model-wide: in total)."
+        ),
+        ratio: float = typer.Option(
+            None, "--ratio", help="Share of experts to remove, instead of --n (e.g. 0.25)."
+        ),
+        protect: list[str] = typer.Option(
+            None,
+            "--protect",
+            help="Never remove: 'layer:expert[,expert...]' (ranges a..b, layer '*' = all; "
+            "several separated by ';' or repeated) or a JSON file {layer: [experts]}. Layers "
+            "are decoder layer indices, as mlxfun stats shows them.",
+        ),
+        target: list[str] = typer.Option(
+            None, "--target", help="Always remove (counts towards --n); same forms as --protect."
+        ),
+        min_keep: int = typer.Option(
+            None, "--min-keep", help="Experts every layer keeps at least (default: top-k)."
+        ),
+        normalize: str = typer.Option(
+            "none",
+            "--normalize",
+            help="model-wide: compare layers on raw scores (none) or divided by each layer's "
+            "mean or max.",
+        ),
+        dry_run: bool = typer.Option(
+            False, "--dry-run", help="Print the keep map and size saving; write nothing."
+        ),
+        force: bool = typer.Option(False, "--force", help="Replace an existing --output."),
+        json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    ):
+        """Remove the least important experts (REAP pruning) and write the smaller model."""
+        from mlxfun.core import plugins
+        from mlxfun.methods.prune import PruneRequest, parse_expert_lists
+
+        request = PruneRequest(
+            model=model,
+            stats=stats,
+            output=output,
+            scorer=scorer,
+            selector=selector,
+            n=n,
+            ratio=ratio,
+            protect=parse_expert_lists(protect, "--protect"),
+            target=parse_expert_lists(target, "--target"),
+            min_keep=min_keep,
+            normalize=normalize,
+            force=force,
+            dry_run=dry_run,
+        )
+        summary = plugins.get_compressor("prune").compress(request)
+        if json_output:
+            print_json(summary)
+            return
+        columns = ["layer", "experts", "kept", "removed", "removed_ids", "removed_score_share"]
+        print_table(summary["layers"], columns)
+        saved = summary["bytes_saved"]
+        share = saved / summary["bytes_before"] if summary["bytes_before"] else 0.0
+        shape = "uniform" if summary["uniform"] else "non-uniform (ships a model_file)"
+        print(
+            f"\n{summary['selector']} on {summary['scorer']}: removed {summary['removed']} of "
+            f"{summary['experts_before']} experts, {shape}"
+        )
+        print(
+            f"weights {_size(summary['bytes_before'])} -> {_size(summary['bytes_after'])} "
+            f"(saves {_size(saved)}, {share:.1%})"
+        )
+        if summary["dry_run"]:
+            print("dry run: nothing written")
+        else:
+            print(f"wrote {summary['output']}")
+            if not summary["uniform"]:
+                print(
+                    "load it with mlx_lm.load(path, trust_remote_code=True) or "
+                    "mlx_lm.generate --trust-remote-code; mlxfun loads it as it is"
+                )

@@ -1,0 +1,212 @@
+"""Models whose MoE layers have different expert counts (model-wide pruning).
+
+Stock mlx-lm builds every MoE layer with the config's one expert count. A non-uniform model
+records its counts in config.json::
+
+    "model_file": "mlxfun_nonuniform.py",
+    "mlxfun": {"nonuniform": {
+        "base_module": "mlx_lm.models.qwen3_moe",
+        "num_experts_keys": ["num_experts"],
+        "base_num_experts": 8,
+        "layers": [{"layer": 0, "module": "model.layers.0", "num_experts": 6}, ...]}}
+
+and ships ``mlxfun_nonuniform.py`` (``MODEL_FILE_SOURCE`` below, with the base module filled
+in): its ``ModelArgs`` is the architecture's own, remembering the config; its ``Model`` builds the
+architecture's own model with ``base_num_experts`` (the config's expert-count keys, set to the
+largest count), then, for every other count, builds the architecture's model from the same
+config with the expert-count keys set to that count and moves its decoder layers
+(``module``) into place. Each MoE layer is therefore exactly what mlx-lm builds for that count;
+parameters are created lazily and never evaluated before the weights replace them.
+
+Stock mlx-lm loads such a directory only with ``trust_remote_code=True``
+(``mlx_lm.load(path, trust_remote_code=True)``, ``mlx_lm.generate --trust-remote-code``);
+``mlxfun.core.io.load_model`` passes it. The file imports nothing but mlx-lm.
+"""
+
+import copy
+
+from .errors import MlxfunError
+
+MODEL_FILE = "mlxfun_nonuniform.py"
+
+MODEL_FILE_SOURCE = '''"""A Mixture-of-Experts model with its own expert count in every MoE layer, written by
+mlxfun {version} (model-wide expert pruning). It needs only mlx-lm.
+
+Each MoE layer is built by mlx-lm's own architecture ({base_module}) with the expert count
+recorded for it in config.json["mlxfun"]["nonuniform"]["layers"]. Load with
+mlx_lm.load(path, trust_remote_code=True) or mlx_lm.generate --trust-remote-code.
+"""
+
+import copy
+import importlib
+
+BASE_MODULE = "{base_module}"
+base = importlib.import_module(BASE_MODULE)
+
+
+def _get(root, path):
+    for part in path.split("."):
+        root = root[int(part)] if isinstance(root, (list, tuple)) else getattr(root, part)
+    return root
+
+
+def _put(root, path, value):
+    parent_path, _, last = path.rpartition(".")
+    parent = _get(root, parent_path) if parent_path else root
+    if isinstance(parent, list):
+        parent[int(last)] = value
+    else:
+        setattr(parent, last, value)
+
+
+def _set_key(config, dotted, value):
+    *parents, last = dotted.split(".")
+    for part in parents:
+        config = config[part]
+    config[last] = value
+
+
+class ModelArgs(base.ModelArgs):
+    """The architecture's ModelArgs; it also keeps the config the model was built from."""
+
+    @classmethod
+    def from_dict(cls, params):
+        args = super().from_dict(params)
+        object.__setattr__(args, "mlxfun_config", copy.deepcopy(dict(params)))
+        return args
+
+
+class Model(base.Model):
+    def __init__(self, args):
+        super().__init__(args)
+        config = getattr(args, "mlxfun_config", None)
+        if config is None:
+            raise ValueError("build this model with ModelArgs.from_dict(config)")
+        spec = config["mlxfun"]["nonuniform"]
+        built = {{}}
+        for layer in spec["layers"]:
+            count = layer["num_experts"]
+            if count == spec["base_num_experts"]:
+                continue
+            if count not in built:
+                variant = copy.deepcopy(config)
+                variant.pop("model_file", None)
+                for key in spec["num_experts_keys"]:
+                    _set_key(variant, key, count)
+                built[count] = base.Model(base.ModelArgs.from_dict(variant))
+            _put(self, layer["module"], _get(built[count], layer["module"]))
+'''
+
+
+def is_nonuniform(config: dict) -> bool:
+    return (
+        config.get("model_file") == MODEL_FILE
+        and isinstance(config.get("mlxfun"), dict)
+        and "nonuniform" in config["mlxfun"]
+    )
+
+
+def get_key(config: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return None
+        config = config[part]
+    return config
+
+
+def set_key(config: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        config = config[part]
+    config[last] = value
+
+
+def present_keys(config: dict, keys) -> list[str]:
+    """The adapter's expert-count keys that this config has; if none, the first key whose
+    parent exists (mlx-lm then used the architecture's default)."""
+    found = [k for k in keys if get_key(config, k) is not None]
+    if found:
+        return found
+    for key in keys:
+        parent = key.rpartition(".")[0]
+        if not parent or isinstance(get_key(config, parent), dict):
+            return [key]
+    raise MlxfunError(f"the config has none of the expert-count keys {', '.join(keys)}")
+
+
+def base_module(config: dict) -> str:
+    """The mlx-lm module that builds this config (after mlx-lm's model-type remappings)."""
+    import importlib
+
+    from mlx_lm import utils
+
+    model_type = config["model_type"]
+    architectures = config.get("architectures") or ()
+    if isinstance(architectures, str):
+        architectures = (architectures,)
+    for architecture in architectures:
+        remapped = utils.MODEL_ARCHITECTURE_REMAPPING.get((model_type, architecture))
+        if remapped is not None:
+            model_type = remapped
+            break
+    else:
+        model_type = utils.MODEL_REMAPPING.get(model_type, model_type)
+    name = f"mlx_lm.models.{model_type}"
+    # The module mlx-lm imports; it may take Model from another module (solar_open: glm4_moe).
+    plain = {k: v for k, v in config.items() if k not in ("model_file", "mlxfun")}
+    module = importlib.import_module(name)
+    if (module.Model, module.ModelArgs) != tuple(utils._get_classes(plain)):
+        raise MlxfunError(f"cannot tell which mlx-lm module builds {config['model_type']!r}")
+    return name
+
+
+def model_file_source(base: str) -> str:
+    from . import __version__
+
+    return MODEL_FILE_SOURCE.format(base_module=base, version=__version__)
+
+
+def uniform_config(config: dict, keys: list[str], count: int) -> dict:
+    """The config of a uniformly pruned model: every expert-count key set to ``count``."""
+    config = copy.deepcopy(config)
+    config.pop("model_file", None)
+    if isinstance(config.get("mlxfun"), dict):
+        config["mlxfun"].pop("nonuniform", None)
+        if not config["mlxfun"]:
+            config.pop("mlxfun")
+    for key in keys:
+        set_key(config, key, count)
+    return config
+
+
+def nonuniform_config(config: dict, keys: list[str], layers: list[dict]) -> tuple[dict, str]:
+    """``(config, model file source)`` for per-layer counts ``layers`` (dicts with ``layer``,
+    ``module`` and ``num_experts``). The expert-count keys hold the largest count."""
+    base = base_module(config)
+    largest = max(layer["num_experts"] for layer in layers)
+    config = uniform_config(config, keys, largest)
+    config["model_file"] = MODEL_FILE
+    config.setdefault("mlxfun", {})["nonuniform"] = {
+        "base_module": base,
+        "num_experts_keys": list(keys),
+        "base_num_experts": largest,
+        "layers": [dict(layer) for layer in layers],
+    }
+    return config, model_file_source(base)
+
+
+def load_module(config: dict):
+    """The model file's module, from mlxfun's own template (never a file from disk)."""
+    import types
+
+    base = config["mlxfun"]["nonuniform"]["base_module"]
+    module = types.ModuleType("mlxfun_nonuniform_model")
+    exec(compile(model_file_source(base), MODEL_FILE, "exec"), module.__dict__)
+    return module
+
+
+def build_model(config: dict):
+    """A non-uniform model's module tree (parameters lazy, unloaded), as its model file
+    builds it."""
+    module = load_module(config)
+    return module.Model(module.ModelArgs.from_dict(config))

@@ -1,0 +1,430 @@
+"""The ``prune`` compressor: remove experts chosen by a selector from statistics, writing an
+ordinary mlx-lm model directory (definitions in docs/prune.md).
+
+The checkpoint is rewritten shard by shard at the byte level (``mlxfun.core.slicing``): router
+rows, correction biases and every expert tensor lose the removed experts, shared experts and
+everything else are copied, the config's expert counts are updated and top-k stays. A
+non-uniform keep map (``model-wide``) ships a ``model_file`` (``mlxfun.core.nonuniform``).
+
+Group-limited routers (``n_group > 1``): the experts of a layer form ``n_group`` contiguous
+groups and only the best ``topk_group`` groups compete for each token. Pruning removes the same
+number of experts from every group (the selectors' ``groups`` option), so each group keeps its
+experts and its meaning, and ``n_group`` / ``topk_group`` stay. Each group keeps at least 2
+experts (mlx-lm scores a group by the sum of its top two), and the ``topk_group`` best groups
+keep at least top-k experts between them.
+"""
+
+import datetime
+import json
+import math
+import shutil
+from pathlib import Path
+
+import attrs
+import numpy as np
+from mlxfun.core.adapter import get_path, has_path
+from mlxfun.core.errors import MlxfunError
+
+PROVENANCE_FILE = "mlxfun.json"
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npz", ".h5", ".ckpt"}
+
+# Where mlx-lm blocks keep the router's group settings (first found wins).
+GROUP_ATTRS = ("gate.n_group", "n_group", "args.n_group", "args.num_expert_group")
+TOPK_GROUP_ATTRS = ("gate.topk_group", "topk_group", "args.topk_group")
+
+
+@attrs.define
+class PruneRequest:
+    """What ``mlxfun prune`` asks for. ``protect`` / ``target`` map decoder layer indices (as
+    ``mlxfun stats`` and ``mlxfun inspect`` show them; ``"*"`` = every MoE layer) to expert ids."""
+
+    model: Path = attrs.field(converter=Path)
+    stats: Path = attrs.field(converter=Path)
+    output: Path | None = attrs.field(
+        default=None, converter=lambda p: None if p is None else Path(p)
+    )
+    scorer: str = "reap"
+    selector: str = "bottom"
+    n: int | None = None
+    ratio: float | None = None
+    protect: dict = attrs.field(factory=dict)
+    target: dict = attrs.field(factory=dict)
+    min_keep: int | None = None
+    normalize: str = "none"
+    force: bool = False
+    dry_run: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# --protect / --target
+
+
+def _ints(text: str, what: str) -> list[int]:
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if ".." in part:
+                low, high = (int(v) for v in part.split("..", 1))
+                if high < low:
+                    raise ValueError
+                values.extend(range(low, high + 1))
+            else:
+                values.append(int(part))
+        except ValueError:
+            raise MlxfunError(
+                f"{what}: {part!r} is not an expert id or a range like 4..7"
+            ) from None
+    return values
+
+
+def _layer_key(text, what: str):
+    text = str(text).strip()
+    if text == "*":
+        return "*"
+    try:
+        return int(text)
+    except ValueError:
+        raise MlxfunError(f"{what}: layer {text!r} is not a layer index or '*'") from None
+
+
+def parse_expert_lists(values, what: str = "--protect") -> dict:
+    """``layer:expert[,expert...]`` items (several separated by ';', or repeated options;
+    ranges ``a..b``; layer ``*`` = every MoE layer) or JSON files ``{"layer": [experts]}``,
+    into ``{layer index or "*": sorted expert ids}``."""
+    result: dict = {}
+
+    def add(layer, experts):
+        result.setdefault(layer, set()).update(experts)
+
+    for value in values or ():
+        value = str(value).strip()
+        path = Path(value)
+        if value.endswith(".json") or (path.is_file() and ":" not in value):
+            if not path.is_file():
+                raise MlxfunError(f"{what}: {value} does not exist")
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise MlxfunError(f"{what}: {value} is not valid JSON ({exc.msg})") from None
+            if not isinstance(data, dict):
+                raise MlxfunError(f"{what}: {value} must hold an object {{layer: [experts]}}")
+            for layer, experts in data.items():
+                if isinstance(experts, str):
+                    experts = _ints(experts, what)
+                if not isinstance(experts, list) or not all(
+                    isinstance(e, int) and not isinstance(e, bool) for e in experts
+                ):
+                    raise MlxfunError(f"{what}: {value}: layer {layer} needs a list of expert ids")
+                add(_layer_key(layer, what), experts)
+            continue
+        for item in value.split(";"):
+            item = item.strip()
+            if not item:
+                continue
+            layer, sep, experts = item.partition(":")
+            if not sep or not experts.strip():
+                raise MlxfunError(
+                    f"{what}: {item!r} is not layer:expert[,expert...] (e.g. 3:0,5 or '*:7')"
+                )
+            add(_layer_key(layer, what), _ints(experts, what))
+    return {layer: sorted(experts) for layer, experts in result.items()}
+
+
+def _to_positions(mapping: dict, layer_indices: list[int], what: str) -> dict[int, list[int]]:
+    positions = {index: position for position, index in enumerate(layer_indices)}
+    result: dict[int, set] = {}
+    for layer, experts in mapping.items():
+        if layer == "*":
+            chosen = list(range(len(layer_indices)))
+        elif int(layer) in positions:
+            chosen = [positions[int(layer)]]
+        else:
+            raise MlxfunError(
+                f"{what}: layer {layer} is not an MoE layer; the MoE layers are "
+                f"{_ranges(layer_indices)}"
+            )
+        for position in chosen:
+            result.setdefault(position, set()).update(experts)
+    return {p: sorted(e) for p, e in result.items()}
+
+
+def _ranges(values: list[int]) -> str:
+    if len(values) > 6 and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}..{values[-1]}"
+    return ", ".join(str(v) for v in values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Constraints from the architecture
+
+
+def router_groups(adapter, block) -> tuple[int, int]:
+    """``(n_group, topk_group)`` of a group-limited router, ``(1, 1)`` otherwise."""
+    groups = topk = None
+    for path in GROUP_ATTRS:
+        if has_path(block, path):
+            groups = get_path(block, path)
+            break
+    for path in TOPK_GROUP_ATTRS:
+        if has_path(block, path):
+            topk = get_path(block, path)
+            break
+    method = get_path(block, "gate.topk_method") if has_path(block, "gate.topk_method") else None
+    if method is not None and method != "group_limited_greedy" and adapter.name == "deepseek_v2":
+        return 1, 1  # deepseek_v2 applies its groups only with group_limited_greedy
+    if not isinstance(groups, int) or groups <= 1:
+        return 1, 1
+    return groups, topk if isinstance(topk, int) and topk > 0 else groups
+
+
+def _validate(selection, plans, groups: int, selector_name: str) -> None:
+    """A third-party selector's answer must be a proper keep map before anything is written."""
+    for plan in plans:
+        keep = selection.keep.get(plan.position)
+        if keep is None:
+            raise MlxfunError(
+                f"selector {selector_name!r} gave no keep list for layer {plan.index}"
+            )
+        if sorted(set(keep)) != list(keep) or not all(0 <= e < plan.num_experts for e in keep):
+            raise MlxfunError(
+                f"selector {selector_name!r} kept {keep} in layer {plan.index}: not sorted, "
+                f"unique ids in 0..{plan.num_experts - 1}"
+            )
+        if len(keep) < plan.top_k:
+            raise MlxfunError(
+                f"selector {selector_name!r} keeps {len(keep)} experts in layer {plan.index}, "
+                f"fewer than top-k {plan.top_k}"
+            )
+        if groups > 1:
+            size = plan.num_experts // groups
+            counts = {sum(1 for e in keep if e // size == g) for g in range(groups)}
+            if len(counts) != 1:
+                raise MlxfunError(
+                    f"selector {selector_name!r} removes unequal numbers from the {groups} router "
+                    f"groups of layer {plan.index}; this router needs equal removals per group"
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# The compressor
+
+
+def _versions() -> dict:
+    import importlib.metadata as metadata
+
+    versions = {}
+    for dist in ("mlxfun-core", "mlxfun-methods", "mlxfun-adapters", "mlx", "mlx-lm"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _copy_other_files(source: Path, destination: Path, skip: set[str]) -> list[str]:
+    """Tokenizer, generation and other small files beside the weights."""
+    copied = []
+    for path in sorted(source.iterdir()):
+        if (
+            path.is_file()
+            and not path.name.startswith(".")
+            and path.name not in skip
+            and path.suffix not in WEIGHT_SUFFIXES
+        ):
+            shutil.copy2(path, destination / path.name)
+            copied.append(path.name)
+    return copied
+
+
+@attrs.define(frozen=True)
+class PruneCompressor:
+    name: str = "prune"
+    description: str = (
+        "remove the experts a selector picks from statistics: slice routers, correction biases "
+        "and expert tensors shard by shard; non-uniform results ship a model_file"
+    )
+
+    def compress(self, request) -> dict:
+        if isinstance(request, dict):
+            request = PruneRequest(**request)
+        return prune(request)
+
+
+def prune(request: PruneRequest) -> dict:
+    from mlxfun.core import nonuniform, plugins, slicing
+    from mlxfun.core.io import atomic_output_dir, read_config
+    from mlxfun.core.stats import check_fingerprint, load_stats, model_fingerprint
+
+    from .selectors import removal_report
+
+    source = request.model
+    config = read_config(source)
+    adapter = plugins.adapter_for_config(config)
+    refusal = getattr(adapter, "prune_unsupported", None)
+    if refusal:
+        raise MlxfunError(f"{adapter.name} models cannot be pruned: {refusal}")
+    if not request.dry_run:
+        if request.output is None:
+            raise MlxfunError("pass --output (or --dry-run)")
+        if request.output.resolve() == source.resolve():
+            raise MlxfunError("--output is the input model; mlxfun never modifies its input")
+        if request.output.exists() and not request.force:
+            raise MlxfunError(
+                f"{request.output} already exists; choose another --output or pass --force"
+            )
+    selector = plugins.get_selector(request.selector)
+    stats = load_stats(request.stats)
+    scores = stats.score(request.scorer)
+
+    skeleton, _ = slicing.model_skeleton(source)
+    plans = slicing.layer_plans(skeleton, adapter)
+    if not plans:
+        raise MlxfunError(f"{adapter.name}: found no MoE layers in {source}")
+    check_fingerprint(stats, model_fingerprint(config, plans), request.stats)
+    layer_indices = [plan.index for plan in plans]
+
+    blocks = {layer.position: layer.block for layer in adapter.moe_layers(skeleton)}
+    group_settings = {router_groups(adapter, blocks[p.position]) for p in plans}
+    if len(group_settings) != 1:
+        raise MlxfunError(f"{adapter.name}: MoE layers disagree on their router groups")
+    groups, topk_group = group_settings.pop()
+
+    top_k = [plan.top_k for plan in plans]
+    if request.min_keep is not None:
+        low = [k for k in top_k if request.min_keep < k]
+        if low:
+            raise MlxfunError(
+                f"--min-keep {request.min_keep} is below top-k {max(low)}: a layer must keep at "
+                f"least top-k experts"
+            )
+    floor = max(1, int(getattr(adapter, "min_experts", 1) or 1))
+    min_keep = []
+    for k in top_k:
+        keep = max(request.min_keep or k, k, floor)
+        if groups > 1:
+            keep = max(keep, 2 * groups, groups * math.ceil(k / topk_group))
+        min_keep.append(keep)
+
+    options = {
+        "top_k": top_k,
+        "min_keep": min_keep,
+        "num_experts": [plan.num_experts for plan in plans],
+        "protect": _to_positions(request.protect, layer_indices, "--protect"),
+        "target": _to_positions(request.target, layer_indices, "--target"),
+        "groups": groups,
+        "normalize": request.normalize,
+    }
+    if request.n is not None:
+        options["n"] = request.n
+    if request.ratio is not None:
+        options["ratio"] = request.ratio
+    selection = selector.select(np.asarray(scores), **options)
+    _validate(selection, plans, groups, request.selector)
+
+    headers = slicing.read_headers(source)
+    owner = slicing.assign_tensors(plans, headers)
+    kept = [len(selection.keep[plan.position]) for plan in plans]
+    uniform = len(set(kept)) == 1
+    keys = nonuniform.present_keys(config, adapter.num_experts_keys)
+    for count in sorted(set(kept)):
+        if not adapter.matches(nonuniform.uniform_config(config, keys, count)):
+            raise MlxfunError(
+                f"{adapter.name}: a layer with {count} experts is no longer an MoE layer for "
+                f"mlx-lm; keep more experts (--min-keep)"
+            )
+    layers_spec = [
+        {"layer": plan.index, "module": plan.module, "num_experts": count}
+        for plan, count in zip(plans, kept)
+    ]
+    if uniform:
+        new_config, model_file = nonuniform.uniform_config(config, keys, kept[0]), None
+    else:
+        modules = [plan.module for plan in plans]
+        if len(set(modules)) != len(modules):
+            raise MlxfunError(
+                f"{adapter.name}: several MoE layers share the module {modules[0]}; a "
+                "non-uniform keep map cannot be built for it; use a per-layer selector"
+            )
+        new_config, model_file = nonuniform.nonuniform_config(config, keys, layers_spec)
+
+    before, after = slicing.size_after(headers, owner, selection.keep)
+    rows = removal_report(selection, scores, layer_indices)
+    summary = {
+        "model": str(source),
+        "output": None if request.output is None else str(request.output),
+        "dry_run": request.dry_run,
+        "adapter": adapter.name,
+        "scorer": request.scorer,
+        "selector": request.selector,
+        "uniform": uniform,
+        "groups": groups,
+        "removed": selection.total_removed,
+        "experts_before": sum(plan.num_experts for plan in plans),
+        "experts_after": sum(kept),
+        "bytes_before": before,
+        "bytes_after": after,
+        "bytes_saved": before - after,
+        "layers": rows,
+        "keep": {str(plan.index): selection.keep[plan.position] for plan in plans},
+    }
+    if request.dry_run:
+        return summary
+
+    provenance = {
+        "mlxfun_version": _versions().get("mlxfun-core"),
+        "method": "prune",
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "source_model": str(source.resolve()),
+        "source_fingerprint": model_fingerprint(config, plans),
+        "stats": {
+            "path": str(request.stats.resolve()),
+            "fingerprint": stats.fingerprint,
+            "datasets": stats.metadata.get("datasets"),
+            "tokens_seen": stats.metadata.get("tokens_seen"),
+            "scorers": stats.metadata.get("scorers"),
+        },
+        "scorer": request.scorer,
+        "selector": request.selector,
+        "options": {
+            "n": request.n,
+            "ratio": request.ratio,
+            "min_keep": min_keep,
+            "protect": {str(k): v for k, v in request.protect.items()},
+            "target": {str(k): v for k, v in request.target.items()},
+            "normalize": request.normalize,
+            "groups": groups,
+        },
+        "uniform": uniform,
+        "moe_layers": layer_indices,
+        "experts_before": [plan.num_experts for plan in plans],
+        "experts_after": kept,
+        "keep": summary["keep"],
+        "removed": {str(plan.index): selection.removed[plan.position] for plan in plans},
+        "versions": _versions(),
+    }
+    previous = source / PROVENANCE_FILE
+    if previous.is_file():
+        try:
+            provenance["source_provenance"] = json.loads(previous.read_text())
+        except json.JSONDecodeError:
+            pass
+    skip = {"config.json", PROVENANCE_FILE, slicing.INDEX_FILE}
+    if config.get("model_file"):
+        skip.add(str(config["model_file"]))
+    with atomic_output_dir(request.output, force=request.force) as tmp:
+        written = slicing.slice_checkpoint(source, tmp, owner, selection.keep)
+        (tmp / "config.json").write_text(json.dumps(new_config, indent=4) + "\n")
+        if model_file is not None:
+            (tmp / nonuniform.MODEL_FILE).write_text(model_file)
+        _copy_other_files(source, tmp, skip)
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    summary["bytes_after"] = written["bytes_after"]
+    summary["bytes_saved"] = written["bytes_before"] - written["bytes_after"]
+    summary["shards"] = written["shards"]
+    return summary
+
+
+COMPRESSORS = [PruneCompressor()]
