@@ -12,7 +12,14 @@ import typer
 from mlxfun.core import __version__
 from mlxfun.core.errors import MlxfunError
 
-COMMAND_MODULES = ("plugins_cmd", "collect_cmd", "inspect_cmd", "stats_cmd", "prune_cmd")
+COMMAND_MODULES = (
+    "plugins_cmd",
+    "collect_cmd",
+    "inspect_cmd",
+    "stats_cmd",
+    "prune_cmd",
+    "check_cmd",
+)
 
 
 def _version(value: bool):

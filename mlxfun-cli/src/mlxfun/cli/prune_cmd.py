@@ -37,8 +37,8 @@ def register(app: typer.Typer) -> None:
             None,
             "--protect",
             help="Never remove: 'layer:expert[,expert...]' (ranges a..b, layer '*' = all; "
-            "several separated by ';' or repeated) or a JSON file {layer: [experts]}. Layers "
-            "are decoder layer indices, as mlxfun stats shows them.",
+            "several separated by ';' or repeated) or a JSON file mapping layers to lists of "
+            "expert ids. Layers are decoder layer indices, as mlxfun stats shows them.",
         ),
         target: list[str] = typer.Option(
             None, "--target", help="Always remove (counts towards --n); same forms as --protect."
