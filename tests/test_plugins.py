@@ -37,11 +37,6 @@ EXAMPLE = {
     "sums to top-k)",
 }
 BROKEN_ERROR = "RuntimeError: mlxfun-broken-plugin fails on import on purpose"
-STRICT_CLI_BUG = (
-    "mlxfun.cli.app.main calls build_app() (which loads plugins) outside its try block, so the "
-    "MlxfunError of a strict plugin failure escapes as a traceback; move build_app() inside try"
-)
-
 
 def _installed(dist: str) -> bool:
     try:
@@ -210,7 +205,6 @@ def test_unknown_names_give_an_error_listing_the_known_ones():
     assert "example_moe" in str(exc.value)
 
 
-@pytest.mark.xfail(strict=True, reason=STRICT_CLI_BUG)
 def test_strict_mode_makes_the_broken_plugin_fatal_in_a_subprocess():
     result = run_cli("plugins", MLXFUN_STRICT_PLUGINS="1")
     assert result.returncode == 1
@@ -219,7 +213,6 @@ def test_strict_mode_makes_the_broken_plugin_fatal_in_a_subprocess():
     ]
 
 
-@pytest.mark.xfail(strict=True, reason=STRICT_CLI_BUG)
 def test_strict_mode_makes_the_broken_plugin_fatal_in_process(capsys):
     with testing.fresh_plugin_state(MLXFUN_STRICT_PLUGINS="1"):
         assert main(["plugins"]) == 1
@@ -274,11 +267,6 @@ def test_trace_prints_hook_calls():
     assert "register_commands [hook]" in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plugins._build_registry calls each register_* hookimpl directly (impl.function), "
-    "bypassing pm.hook, so MLXFUN_TRACE_PLUGINS never shows them",
-)
 def test_trace_prints_the_register_hooks():
     result = run_cli("plugins", MLXFUN_TRACE_PLUGINS="1")
     assert "register_adapters" in result.stderr and "register_scorers" in result.stderr

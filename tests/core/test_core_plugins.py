@@ -141,11 +141,6 @@ def test_the_same_kind_and_name_twice_is_reported(no_installed_plugins):
             assert f"already registered by {kept.distribution}; kept that one" in failure.error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plugins._build_registry walks reversed(get_hookimpls()), i.e. the LAST registered "
-    "plugin wins; drop reversed() (get_hookimpls() is already in registration order)",
-)
 def test_the_first_registered_of_two_same_names_is_kept(no_installed_plugins):
     with testing.registered_plugin(MethodsPlugin(), "first", "dist-a"):
         with testing.registered_plugin(SameNamePlugin(), "second", "dist-b"):
@@ -212,11 +207,6 @@ def test_load_plugins_selects_distributions_by_normalised_name(site):
         assert plugins.all_plugins() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plugins.load_plugins does not strip the names in MLXFUN_LOAD_PLUGINS: "
-    "use _normalize(d.strip())",
-)
 def test_load_plugins_accepts_spaces_after_commas(site):
     folder, module_name = site
     write_dist(folder, "mlxfun-b-test", module_name("b"), GOOD.format(scorer="from_b"))

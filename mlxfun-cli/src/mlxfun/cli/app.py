@@ -62,8 +62,8 @@ def build_app() -> typer.Typer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    app = build_app()
     try:
+        app = build_app()  # loads plugins: strict mode may raise here
         app(args=argv, standalone_mode=False)
     except MlxfunError as exc:
         print(f"error: {exc}", file=sys.stderr)

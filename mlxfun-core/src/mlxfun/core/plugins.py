@@ -59,7 +59,7 @@ def load_plugins() -> None:
         pm.trace.root.setwriter(lambda text: print(text, end="", file=sys.stderr))
         _untrace = pm.enable_tracing()
     only = os.environ.get("MLXFUN_LOAD_PLUGINS")
-    allowed = None if only is None else {_normalize(d) for d in only.split(",") if d.strip()}
+    allowed = None if only is None else {_normalize(d.strip()) for d in only.split(",") if d.strip()}
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = entry_point.dist
         dist_name = dist.name if dist else "unknown"
@@ -132,14 +132,18 @@ def _reset_registry() -> None:
 def _build_registry() -> dict[str, dict[str, PluginInfo]]:
     registry: dict[str, dict[str, PluginInfo]] = {kind: {} for kind in KINDS}
     for kind in KINDS:
-        hook = getattr(pm.hook, HOOK_FOR_KIND[kind])
-        for impl in reversed(hook.get_hookimpls()):  # registration order
+        hook_name = HOOK_FOR_KIND[kind]
+        impls = getattr(pm.hook, hook_name).get_hookimpls()  # in registration order
+        for impl in impls:
             dist, version = _plugin_dists.get(impl.plugin_name, ("unknown", "unknown"))
             found: list = []
+            # One plugin at a time, so a failure names its plugin; through pm (not
+            # impl.function) so MLXFUN_TRACE_PLUGINS shows the call.
+            others = [other.plugin for other in impls if other is not impl]
             try:
-                impl.function(register=found.append)
+                pm.subset_hook_caller(hook_name, others)(register=found.append)
             except Exception as exc:
-                error = f"{HOOK_FOR_KIND[kind]} raised {type(exc).__name__}: {exc}"
+                error = f"{hook_name} raised {type(exc).__name__}: {exc}"
                 _fail(
                     PluginInfo(kind, impl.plugin_name, "", dist, version, error=error),
                     _registry_failures,
