@@ -28,7 +28,9 @@ def mlxfun(*args: str, capture: bool = False) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ratio", default="0.25", help="share of experts to remove per layer")
     parser.add_argument("--scorer", default="reap")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo")
@@ -38,7 +40,15 @@ def main() -> None:
     pruned = opts.out / f"pruned-{opts.scorer}-{opts.ratio}"
 
     mlxfun("inspect", str(MODEL))
-    mlxfun("collect", "--model", str(MODEL), "--dataset", str(DATA / "calib_mixed.jsonl"), "--output", str(stats))
+    mlxfun(
+        "collect",
+        "--model",
+        str(MODEL),
+        "--dataset",
+        str(DATA / "calib_mixed.jsonl"),
+        "--output",
+        str(stats),
+    )
     mlxfun(
         "prune",
         "--model", str(MODEL),
@@ -62,17 +72,23 @@ def main() -> None:
         )  # fmt: skip
         results[domain] = json.loads(out)
         print(out)
-    mlxfun("smoke-test", str(pruned), "--prompt", "def fibonacci(n):", "--prompt", "The king said unto")
+    mlxfun(
+        "smoke-test", str(pruned), "--prompt", "def fibonacci(n):", "--prompt", "The king said unto"
+    )
 
     print("\n== Summary: demo MoE, 16 experts per layer, top-2 ==")
-    print(f"pruned {float(opts.ratio):.0%} of experts per layer by {opts.scorer} (calibration: mixed code + prose)\n")
+    print(
+        f"pruned {float(opts.ratio):.0%} of experts per layer by {opts.scorer} (calibration: mixed code + prose)\n"
+    )
     print(f"{'domain':8} {'ppl before':>11} {'ppl after':>10} {'change':>8} {'greedy overlap':>15}")
     for domain, report in results.items():
         before, after = report["models"][0], report["models"][1]
         change = after["perplexity"] / before["perplexity"] - 1
         overlap = after.get("overlap")
         overlap_text = f"{overlap:.0%}" if isinstance(overlap, float) else "-"
-        print(f"{domain:8} {before['perplexity']:11.2f} {after['perplexity']:10.2f} {change:+8.1%} {overlap_text:>15}")
+        print(
+            f"{domain:8} {before['perplexity']:11.2f} {after['perplexity']:10.2f} {change:+8.1%} {overlap_text:>15}"
+        )
     print(f"\npruned model: {pruned} (loads with stock mlx_lm.load)")
 
 

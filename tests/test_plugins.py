@@ -38,6 +38,7 @@ EXAMPLE = {
 }
 BROKEN_ERROR = "RuntimeError: mlxfun-broken-plugin fails on import on purpose"
 
+
 def _installed(dist: str) -> bool:
     try:
         importlib.metadata.distribution(dist)

@@ -15,7 +15,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
-
 from mlxfun.core import plugins
 from mlxfun.core.hooks import call_hooks
 from mlxfun.core.observe import Observer
@@ -24,7 +23,9 @@ from mlxfun.core.stats import StatsCollector
 ALL_NEEDS = frozenset({"selected", "weights", "norms", "logits", "outputs"})
 
 
-def build_tiny(model_type: str, args: dict, seed: int = 0, bits: int | None = None, group_size: int = 32):
+def build_tiny(
+    model_type: str, args: dict, seed: int = 0, bits: int | None = None, group_size: int = 32
+):
     """A tiny model from mlx-lm's own classes with seeded random weights.
 
     Parameters that mlx-lm initialises to constants (zero routers, zero correction biases) are
@@ -49,7 +50,9 @@ def build_tiny(model_type: str, args: dict, seed: int = 0, bits: int | None = No
             model,
             group_size=group_size,
             bits=bits,
-            class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0,
+            class_predicate=lambda _, m: (
+                hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0
+            ),
         )
     mx.eval(model.parameters())
     return model
@@ -85,7 +88,8 @@ def capture_block_inputs(model, adapter, tokens):
     with call_hooks([(layer.block, hook(layer.position)) for layer in layers]):
         mx.eval(model(tokens))
     return layers, {
-        p: np.array(x.astype(mx.float32), dtype=np.float64).reshape(-1, x.shape[-1]) for p, x in seen.items()
+        p: np.array(x.astype(mx.float32), dtype=np.float64).reshape(-1, x.shape[-1])
+        for p, x in seen.items()
     }
 
 
@@ -112,8 +116,12 @@ def check_architecture(model_type: str, model, ref_route, tokens=None, atol=1e-5
         order = np.argsort(selected, axis=-1)
         selected = np.take_along_axis(np.asarray(selected), order, -1)
         weights = np.take_along_axis(np.asarray(weights), order, -1)
-        np.testing.assert_array_equal(obs.selected, selected, err_msg=f"layer {layer.index} selection")
-        np.testing.assert_allclose(obs.weights, weights, atol=atol, rtol=1e-4, err_msg=f"layer {layer.index} weights")
+        np.testing.assert_array_equal(
+            obs.selected, selected, err_msg=f"layer {layer.index} selection"
+        )
+        np.testing.assert_allclose(
+            obs.weights, weights, atol=atol, rtol=1e-4, err_msg=f"layer {layer.index} weights"
+        )
 
     # 3. statistics equal a brute-force loop over tokens
     check_statistics(model, adapter, layers, inputs, observations)
@@ -121,7 +129,14 @@ def check_architecture(model_type: str, model, ref_route, tokens=None, atol=1e-5
 
 
 def check_statistics(model, adapter, layers, inputs, observations):
-    scorer_names = ["frequency", "weighted_frequency", "ean_sum", "ean_mean", "reap", "max_activation"]
+    scorer_names = [
+        "frequency",
+        "weighted_frequency",
+        "ean_sum",
+        "ean_mean",
+        "reap",
+        "max_activation",
+    ]
     scorers = [plugins.get_scorer(n) for n in scorer_names]
     num_experts = max(layer.num_experts for layer in layers)
     collector = StatsCollector(scorers, len(layers), num_experts)

@@ -59,7 +59,9 @@ def load_plugins() -> None:
         pm.trace.root.setwriter(lambda text: print(text, end="", file=sys.stderr))
         _untrace = pm.enable_tracing()
     only = os.environ.get("MLXFUN_LOAD_PLUGINS")
-    allowed = None if only is None else {_normalize(d.strip()) for d in only.split(",") if d.strip()}
+    allowed = (
+        None if only is None else {_normalize(d.strip()) for d in only.split(",") if d.strip()}
+    )
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = entry_point.dist
         dist_name = dist.name if dist else "unknown"
