@@ -253,9 +253,30 @@ class PruneCompressor:
         return prune(request)
 
 
-def prune(request: PruneRequest) -> dict:
+@attrs.define
+class PrunePlan:
+    """What ``plan_prune`` decided: the keep map and everything needed to write it."""
+
+    source: Path
+    config: dict
+    adapter: object
+    stats: object
+    scores: np.ndarray
+    plans: list
+    selection: object
+    owner: dict
+    new_config: dict
+    model_file: str | None
+    summary: dict
+    provenance: dict
+    skip: set
+
+
+def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
+    """Check the request and compute the keep map, the new config and the provenance, writing
+    nothing (shared by ``prune`` and the ``ream`` merge)."""
     from mlxfun.core import nonuniform, plugins, slicing
-    from mlxfun.core.io import atomic_output_dir, read_config
+    from mlxfun.core.io import read_config
     from mlxfun.core.stats import check_fingerprint, load_stats, model_fingerprint
 
     from .selectors import removal_report
@@ -370,12 +391,9 @@ def prune(request: PruneRequest) -> dict:
         "layers": rows,
         "keep": {str(plan.index): selection.keep[plan.position] for plan in plans},
     }
-    if request.dry_run:
-        return summary
-
     provenance = {
         "mlxfun_version": _versions().get("mlxfun-core"),
-        "method": "prune",
+        "method": method,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "source_model": str(source.resolve()),
         "source_fingerprint": model_fingerprint(config, plans),
@@ -414,17 +432,53 @@ def prune(request: PruneRequest) -> dict:
     skip = {"config.json", PROVENANCE_FILE, slicing.INDEX_FILE}
     if config.get("model_file"):
         skip.add(str(config["model_file"]))
-    with atomic_output_dir(request.output, force=request.force) as tmp:
-        written = slicing.slice_checkpoint(source, tmp, owner, selection.keep)
-        (tmp / "config.json").write_text(json.dumps(new_config, indent=4) + "\n")
-        if model_file is not None:
-            (tmp / nonuniform.MODEL_FILE).write_text(model_file)
-        _copy_other_files(source, tmp, skip)
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    return PrunePlan(
+        source=source,
+        config=config,
+        adapter=adapter,
+        stats=stats,
+        scores=np.asarray(scores),
+        plans=plans,
+        selection=selection,
+        owner=owner,
+        new_config=new_config,
+        model_file=model_file,
+        summary=summary,
+        provenance=provenance,
+        skip=skip,
+    )
+
+
+def write_pruned(plan: "PrunePlan", directory: Path) -> dict:
+    """Write the pruned checkpoint, config, model file and the other files (not mlxfun.json)
+    into ``directory``; returns the byte counts of ``slicing.slice_checkpoint``."""
+    from mlxfun.core import nonuniform, slicing
+
+    written = slicing.slice_checkpoint(plan.source, directory, plan.owner, plan.selection.keep)
+    (directory / "config.json").write_text(json.dumps(plan.new_config, indent=4) + "\n")
+    if plan.model_file is not None:
+        (directory / nonuniform.MODEL_FILE).write_text(plan.model_file)
+    _copy_other_files(plan.source, directory, plan.skip)
+    return written
+
+
+def finish_summary(summary: dict, written: dict) -> dict:
     summary["bytes_after"] = written["bytes_after"]
     summary["bytes_saved"] = written["bytes_before"] - written["bytes_after"]
     summary["shards"] = written["shards"]
     return summary
+
+
+def prune(request: PruneRequest) -> dict:
+    from mlxfun.core.io import atomic_output_dir
+
+    plan = plan_prune(request)
+    if request.dry_run:
+        return plan.summary
+    with atomic_output_dir(request.output, force=request.force) as tmp:
+        written = write_pruned(plan, tmp)
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(plan.provenance, indent=2) + "\n")
+    return finish_summary(plan.summary, written)
 
 
 COMPRESSORS = [PruneCompressor()]
