@@ -22,6 +22,7 @@ def register_selectors(register):
 @hookimpl
 def register_compressors(register):
     from .prune import COMPRESSORS
+    from .ream import COMPRESSORS as MERGERS
 
-    for compressor in COMPRESSORS:
+    for compressor in (*COMPRESSORS, *MERGERS):
         register(compressor)
