@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "inspect_cmd",
     "stats_cmd",
     "prune_cmd",
+    "merge_cmd",
     "check_cmd",
 )
 

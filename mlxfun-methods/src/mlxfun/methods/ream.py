@@ -651,7 +651,7 @@ def _merge_into(plan, directory: Path, samples, request: MergeRequest) -> dict:
         names = [n for n, p in plan.owner.items() if p is plan_layer]
         started = time.perf_counter()
         bar = tqdm(
-            total=3 + len(keep),
+            total=3,
             desc=f"merge layer {plan_layer.index}",
             disable=not request.progress,
             dynamic_ncols=True,
@@ -672,6 +672,7 @@ def _merge_into(plan, directory: Path, samples, request: MergeRequest) -> dict:
             )
             similarity = expert_similarity(means, logits_np)
             groups = group_experts(similarity, saliency, keep, request.group_size)
+            bar.total = 3 + sum(1 for members in groups.values() if members)
             bar.update(1)
             x_align = x[mx.array(align_index)] if len(align_index) < x.shape[0] else x
             merged, _ = merge_layer(

@@ -1,0 +1,132 @@
+"""``mlxfun merge``: REAM expert merging into the experts a selector keeps."""
+
+from pathlib import Path
+
+import typer
+
+from .output import print_json, print_table
+from .prune_cmd import _size
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("merge")
+    def merge(
+        model: Path = typer.Option(..., "--model", help="mlx-lm model directory (not modified)."),
+        stats: Path = typer.Option(
+            ..., "--stats", help="Stats file of this model (mlxfun collect)."
+        ),
+        dataset: list[Path] = typer.Option(
+            None,
+            "--dataset",
+            help="Calibration text for the similarities: JSONL, text file or directory; "
+            "repeatable.",
+        ),
+        output: Path = typer.Option(None, "--output", "-o", help="Directory to write."),
+        scorer: str = typer.Option(
+            "reap", "--scorer", help="Which statistic is the saliency (centroids, weights)."
+        ),
+        selector: str = typer.Option(
+            "bottom", "--selector", help="bottom, strided, model-wide, or a plugin's selector."
+        ),
+        n: int = typer.Option(
+            None, "--n", help="Experts to merge away per layer (model-wide: in total)."
+        ),
+        ratio: float = typer.Option(
+            None, "--ratio", help="Share of experts to merge away, instead of --n (e.g. 0.25)."
+        ),
+        protect: list[str] = typer.Option(
+            None, "--protect", help="Always a centroid; same forms as in mlxfun prune."
+        ),
+        target: list[str] = typer.Option(
+            None, "--target", help="Never a centroid (counts towards --n); same forms."
+        ),
+        min_keep: int = typer.Option(
+            None, "--min-keep", help="Experts every layer keeps at least (default: top-k)."
+        ),
+        normalize: str = typer.Option(
+            "none", "--normalize", help="model-wide: none, mean or max (as in prune)."
+        ),
+        group_size: int = typer.Option(
+            16,
+            "--group-size",
+            help="Experts per group, centroid included (0: every other expert joins its most "
+            "similar centroid; 1: no merging, the prune result).",
+        ),
+        max_tokens: int = typer.Option(
+            2048, "--max-tokens", help="Calibration tokens for the similarities (in total)."
+        ),
+        max_samples: int = typer.Option(
+            None, "--max-samples", help="Seeded random subsample of the samples."
+        ),
+        batch_size: int = typer.Option(4, "--batch-size", help="Samples per forward pass."),
+        seed: int = typer.Option(0, "--seed", help="Seed for subsampling and alignment tokens."),
+        dry_run: bool = typer.Option(
+            False, "--dry-run", help="Print the centroids and size saving; write nothing."
+        ),
+        force: bool = typer.Option(False, "--force", help="Replace an existing --output."),
+        json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    ):
+        """Merge experts into the most salient ones (REAM) and write the smaller model."""
+        from mlxfun.core import plugins
+        from mlxfun.methods.prune import parse_expert_lists
+        from mlxfun.methods.ream import MergeRequest
+
+        request = MergeRequest(
+            model=model,
+            stats=stats,
+            dataset=dataset or [],
+            output=output,
+            scorer=scorer,
+            selector=selector,
+            n=n,
+            ratio=ratio,
+            protect=parse_expert_lists(protect, "--protect"),
+            target=parse_expert_lists(target, "--target"),
+            min_keep=min_keep,
+            normalize=normalize,
+            group_size=group_size,
+            max_tokens=max_tokens,
+            max_samples=max_samples,
+            batch_size=batch_size,
+            seed=seed,
+            force=force,
+            dry_run=dry_run,
+            progress=not json_output,
+        )
+        summary = plugins.get_compressor("ream").compress(request)
+        if json_output:
+            print_json(summary)
+            return
+        if summary["dry_run"]:
+            columns = ["layer", "experts", "kept", "removed", "removed_ids"]
+        else:
+            columns = ["layer", "experts", "kept", "merged_groups", "absorbed", "dropped"]
+            columns += ["group_sizes", "seconds"]
+        print_table(summary["layers"], columns)
+        saved = summary["bytes_saved"]
+        share = saved / summary["bytes_before"] if summary["bytes_before"] else 0.0
+        shape = "uniform" if summary["uniform"] else "non-uniform (ships a model_file)"
+        print(
+            f"\nREAM on {summary['scorer']} ({summary['selector']}, group size "
+            f"{summary['group_size']}): {summary['experts_before']} -> "
+            f"{summary['experts_after']} experts, {shape}"
+        )
+        print(
+            f"weights {_size(summary['bytes_before'])} -> {_size(summary['bytes_after'])} "
+            f"(saves {_size(saved)}, {share:.1%})"
+        )
+        if summary["dry_run"]:
+            print("dry run: nothing written (the groups need the calibration forward)")
+            return
+        if summary.get("requantized"):
+            q = summary["requantized"]
+            print(
+                f"merged experts requantized: {q['bits']} bits, group size {q['group_size']}, "
+                f"{q['mode']}"
+            )
+        print(f"similarities on {summary['tokens']} tokens; wrote {summary['output']}")
+        if not summary["uniform"]:
+            print(
+                "load it with mlx_lm.load(path, trust_remote_code=True) or "
+                "mlx_lm.generate --trust-remote-code; mlxfun loads it as it is"
+            )
