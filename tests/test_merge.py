@@ -27,6 +27,7 @@ from mlxfun.methods.ream import MergeRequest, merge
 
 from .adapters import test_biased_family as biased
 from .adapters import test_examples as examples
+from .adapters import test_special_family as special
 from .test_prune import grouped_args, write_dir
 
 QWEN = dict(examples.QWEN3_MOE, num_hidden_layers=3)
@@ -450,3 +451,19 @@ def test_compressor_is_registered_and_the_plugin_module_stays_light():
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    "model_type,args",
+    [("gemma4_text", special.GEMMA4_TEXT), ("kimi_k3", biased.KIMI_K3_LATENT)],
+    ids=["gemma4_text", "kimi_k3_latent"],
+)
+def test_experts_that_compute_something_else_are_refused(tmp_path, calib, model_type, args):
+    """gemma4 scales each expert's output, kimi_k3's experts run on a projection of the block
+    input: merging them from their weights alone would be wrong, so ream says so."""
+    args, groups = grouped_args(model_type, args)
+    source, _ = write_dir(tmp_path / "model", model_type, args)
+    stats = stats_file(source, tmp_path / "stats.npz", random_scores(source))
+    with pytest.raises(ream.MlxfunError, match="ream supports mlx-lm SwitchGLU"):
+        run_merge(source, stats, calib, tmp_path / "out", n=2 if groups == 1 else groups)
+    assert not (tmp_path / "out").exists()
