@@ -438,7 +438,11 @@ def test_missing_dataset_foreign_stats_and_missing_scipy(
 
 
 def test_compressor_is_registered_and_the_plugin_module_stays_light():
-    assert plugins.get_compressor("ream").name == "ream"
+    from mlxfun.core.testing import check_plugin
+
+    compressor = plugins.get_compressor("ream")
+    assert compressor.name == "ream"
+    check_plugin("compressor", compressor)
     done = subprocess.run(
         [
             sys.executable,
