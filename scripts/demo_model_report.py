@@ -1,0 +1,113 @@
+"""Measure the demo model: validation perplexity per domain vs a unigram baseline, and expert
+specialisation (Jensen-Shannon divergence between code and prose routing, dead experts).
+
+    python scripts/demo_model_report.py [--model demo/model] [--data demo/data] [--json]
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlxfun.core import plugins
+from mlxfun.core.collect import collect_stats
+from mlxfun.core.io import load_model, load_samples, tokenize_samples
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def perplexity(model, sequences, batch_size: int = 8) -> float:
+    total, count = 0.0, 0
+    for start in range(0, len(sequences), batch_size):
+        chunk = [s for s in sequences[start : start + batch_size] if len(s) > 1]
+        for seq in chunk:
+            tokens = mx.array(seq)[None]
+            logits = model(tokens[:, :-1])
+            loss = nn.losses.cross_entropy(logits, tokens[:, 1:], reduction="sum")
+            total += loss.item()
+            count += len(seq) - 1
+    return math.exp(total / count)
+
+
+def unigram_perplexity(train_counts: np.ndarray, sequences) -> float:
+    probs = (train_counts + 1) / (train_counts.sum() + train_counts.size)
+    ids = np.concatenate([np.array(s[1:]) for s in sequences if len(s) > 1])
+    return float(np.exp(-np.log(probs[ids]).mean()))
+
+
+def js_divergence_bits(p: np.ndarray, q: np.ndarray) -> float:
+    p, q = p / p.sum(), q / q.sum()
+    m = (p + q) / 2
+
+    def kl(a, b):
+        mask = a > 0
+        return float((a[mask] * np.log2(a[mask] / b[mask])).sum())
+
+    return (kl(p, m) + kl(q, m)) / 2
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=Path, default=ROOT / "demo" / "model")
+    parser.add_argument("--data", type=Path, default=ROOT / "demo" / "data")
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--json", action="store_true")
+    opts = parser.parse_args()
+    model, tokenizer, config = load_model(opts.model)
+    adapter = plugins.adapter_for_config(config)
+    frequency = plugins.get_scorer("frequency")
+    vocab = config["vocab_size"]
+    calib_counts = np.zeros(vocab)
+    for domain in ("code", "prose"):
+        for seq in tokenize_samples(
+            load_samples([opts.data / f"calib_{domain}.jsonl"]), tokenizer, 10**9
+        ):
+            np.add.at(calib_counts, seq, 1)
+    report = {"domains": {}, "layers": []}
+    routing = {}
+    for domain in ("code", "prose"):
+        sequences = tokenize_samples(
+            load_samples([opts.data / f"eval_{domain}.jsonl"]), tokenizer, opts.max_tokens
+        )
+        collector, layers = collect_stats(model, adapter, sequences, [frequency], progress=False)
+        routing[domain] = collector.scores()["frequency"]
+        report["domains"][domain] = {
+            "eval_tokens": int(sum(len(s) - 1 for s in sequences)),
+            "perplexity": round(perplexity(model, sequences), 2),
+            "unigram_perplexity": round(unigram_perplexity(calib_counts, sequences), 2),
+        }
+    for position, layer in enumerate(layers):
+        code, prose = routing["code"][position], routing["prose"][position]
+        report["layers"].append(
+            {
+                "layer": layer.index,
+                "js_divergence_bits": round(js_divergence_bits(code, prose), 3),
+                "dead_experts": int(((code + prose) == 0).sum()),
+                "top_code_experts": [int(e) for e in np.argsort(-code)[:3]],
+                "top_prose_experts": [int(e) for e in np.argsort(-prose)[:3]],
+            }
+        )
+    if opts.json:
+        print(json.dumps(report, indent=2))
+        return
+    print("| domain | eval tokens | perplexity | unigram perplexity |\n|---|---:|---:|---:|")
+    for domain, row in report["domains"].items():
+        print(
+            f"| {domain} | {row['eval_tokens']} | {row['perplexity']} | {row['unigram_perplexity']} |"
+        )
+    print(
+        "\n| layer | JS divergence code vs prose (bits) | dead experts | top code experts | top prose experts |"
+    )
+    print("|---:|---:|---:|---|---|")
+    for row in report["layers"]:
+        print(
+            f"| {row['layer']} | {row['js_divergence_bits']} | {row['dead_experts']} | "
+            f"{row['top_code_experts']} | {row['top_prose_experts']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
