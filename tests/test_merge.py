@@ -27,7 +27,9 @@ from mlxfun.methods.ream import MergeRequest, merge
 
 from .adapters import test_biased_family as biased
 from .adapters import test_examples as examples
+from .adapters import test_softmax_family as softmax_family
 from .adapters import test_special_family as special
+from .adapters.harness import build_tiny, capture_block_inputs
 from .test_prune import grouped_args, write_dir
 
 QWEN = dict(examples.QWEN3_MOE, num_hidden_layers=3)
@@ -397,6 +399,160 @@ def test_merged_models_load_and_generate_with_stock_mlx_lm(qwen, calib, tmp_path
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("generated") == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# The gate of the output similarity: the architecture's own router probabilities
+
+
+def np_softmax(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def np_sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def source_tensors(directory):
+    tensors = {}
+    for shard in sorted(Path(directory).glob("*.safetensors")):
+        tensors.update(mx.load(str(shard)))
+    return {n: np.array(v.astype(mx.float32), dtype=np.float64) for n, v in tensors.items()}
+
+
+def recorded_statistics(monkeypatch):
+    """Patch ``ream.layer_statistics`` to record its inputs and results, one entry per layer."""
+    calls = []
+    real = ream.layer_statistics
+
+    def recording(kind, activation, weights, x, logits, probs, num_experts):
+        means, logits_np = real(kind, activation, weights, x, logits, probs, num_experts)
+        calls.append(
+            {
+                "x": np.array(x, dtype=np.float64),
+                "logits": np.array(logits, dtype=np.float64),
+                "probs": np.array(probs, dtype=np.float64),
+                "means": means,
+            }
+        )
+        return means, logits_np
+
+    monkeypatch.setattr(ream, "layer_statistics", recording)
+    return calls
+
+
+@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
+def test_gated_outputs_use_the_routers_own_probabilities(
+    qwen, calib, tmp_path, monkeypatch, router
+):
+    """glm4_moe scores experts with a sigmoid (plus a correction bias that only selects),
+    qwen3_moe with a softmax: the probabilities that gate the outputs, and the mean gated
+    outputs, equal numpy recomputations from the source checkpoint's router and expert
+    weights on the block inputs ream captured."""
+    if router == "sigmoid":
+        args, groups = grouped_args("glm4_moe", biased.GLM4_MOE)
+        source, _ = write_dir(tmp_path / "glm", "glm4_moe", args)
+        stats = stats_file(source, tmp_path / "glm.npz", random_scores(source))
+        n, probability = groups, np_sigmoid
+    else:
+        source, stats, _ = qwen[None]
+        n, probability = 2, np_softmax
+    calls = recorded_statistics(monkeypatch)
+    summary = run_merge(source, stats, calib, tmp_path / "out", n=n)
+    layers = sorted(int(i) for i in summary["groups"])
+    assert len(calls) == len(layers) > 0
+    tensors = source_tensors(source)
+    for index, call in zip(layers, calls):
+        prefix = f"model.layers.{index}.mlp"
+        x = call["x"]
+        logits = x @ tensors[f"{prefix}.gate.weight"].T
+        np.testing.assert_allclose(call["logits"], logits, rtol=1e-4, atol=1e-5)
+        probs = probability(logits)
+        np.testing.assert_allclose(call["probs"], probs, rtol=1e-4, atol=1e-6)
+        if router == "sigmoid":
+            # not the softmax stand-in, and the (non-zero) correction bias is left out
+            assert np.abs(tensors[f"{prefix}.gate.e_score_correction_bias"]).max() > 0
+            assert not np.allclose(call["probs"], np_softmax(logits), atol=1e-2)
+        else:
+            np.testing.assert_allclose(call["probs"].sum(axis=-1), 1.0, rtol=1e-5)
+        experts = {
+            f"{proj}.weight": tensors[f"{prefix}.switch_mlp.{proj}.weight"]
+            for proj in ("gate_proj", "up_proj", "down_proj")
+        }
+        expected = np.stack(
+            [
+                np.mean(
+                    probs[:, e : e + 1]
+                    * np_output({name: value[e] for name, value in experts.items()}, x),
+                    axis=0,
+                )
+                for e in range(logits.shape[1])
+            ]
+        )
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(call["means"], expected, rtol=1e-3, atol=1e-5 * scale)
+
+
+ROUTER_CASES = [
+    ("qwen3_moe", examples.QWEN3_MOE, np_softmax),
+    ("mixtral", examples.MIXTRAL, np_softmax),
+    ("glm4_moe", biased.GLM4_MOE, np_sigmoid),
+    ("deepseek_v3", biased.DEEPSEEK_V3, np_sigmoid),
+    ("minimax", softmax_family.MINIMAX, np_sigmoid),
+]
+
+
+@pytest.mark.parametrize(
+    "model_type,args,probability", ROUTER_CASES, ids=[c[0] for c in ROUTER_CASES]
+)
+def test_router_scores_are_the_routes_probabilities(model_type, args, probability):
+    """``router_scores`` is the softmax / sigmoid of the logits (numpy, from the router weight),
+    and the route's gate weights are those scores at the selected experts up to a per-token
+    factor (renormalisation, routed_scaling_factor): the scores are what the route starts
+    from."""
+    model = build_tiny(model_type, args)
+    adapter = plugins.adapter_for_config({"model_type": model_type, **args})
+    tokens = mx.array(np.random.default_rng(1).integers(0, 256, (2, 12)))
+    layers, inputs = capture_block_inputs(model, adapter, tokens)
+    for layer in layers:
+        x = mx.array(inputs[layer.position].astype(np.float32))
+        indices, weights, logits = adapter.routing(layer.block, x)
+        scores = np.array(adapter.router_scores(layer.block, logits), dtype=np.float64)
+        router = layer.block.gate
+        weight = np.array(getattr(router, "weight", router).astype(mx.float32), np.float64)
+        np_logits = inputs[layer.position] @ weight.T
+        np.testing.assert_allclose(scores, probability(np_logits), rtol=1e-4, atol=1e-6)
+        chosen = np.take_along_axis(scores, np.array(indices), axis=-1)
+        ratio = np.array(weights.astype(mx.float32), dtype=np.float64) / chosen
+        np.testing.assert_allclose(ratio, ratio[:, :1] * np.ones_like(ratio), rtol=1e-4)
+
+
+def test_router_scores_default_to_the_softmax_and_follow_a_declaration():
+    """An adapter whose route declares nothing gets the softmax of the logits; ``scores`` on
+    the adapter, then the route's own ``scores`` attribute, take precedence."""
+    from mlxfun.core.adapter import MoEAdapter, sigmoid_scores, with_scores
+
+    logits = np.random.default_rng(2).normal(size=(5, 4))
+    z = mx.array(logits.astype(np.float32))
+
+    def route(block, logits):
+        raise AssertionError("not called")
+
+    plain = MoEAdapter(name="plain", model_types=("plain",), route=route)
+    np.testing.assert_allclose(np.array(plain.router_scores(None, z)), np_softmax(logits), 1e-5)
+    declared = MoEAdapter(
+        name="declared", model_types=("declared",), route=route, scores=sigmoid_scores
+    )
+    np.testing.assert_allclose(np.array(declared.router_scores(None, z)), np_sigmoid(logits), 1e-5)
+
+    def route2(block, logits):
+        raise AssertionError("not called")
+
+    on_route = MoEAdapter(
+        name="on_route", model_types=("on_route",), route=with_scores(route2, sigmoid_scores)
+    )
+    np.testing.assert_allclose(np.array(on_route.router_scores(None, z)), np_sigmoid(logits), 1e-5)
 
 
 @pytest.mark.parametrize(

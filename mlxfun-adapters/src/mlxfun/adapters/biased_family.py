@@ -20,6 +20,10 @@ setting them to -inf (bailing_hybrid and bailing_moe_v3 use -inf). With a negati
 bias a kept expert can score below 0, and then a dropped-group expert (score 0) is picked
 instead; the adapters reproduce what the block does.
 
+Every adapter declares its dense scores (``router_scores``: every expert's probability before
+the selection): the sigmoid or softmax of the logits that the selection starts from, without
+the correction bias.
+
 MLX is imported inside the functions so that listing plugins does not import it.
 """
 
@@ -27,7 +31,14 @@ import sys
 from collections.abc import Callable
 
 import attrs
-from mlxfun.core.adapter import MoEAdapter, get_path, has_path
+from mlxfun.core.adapter import (
+    SCORE_FUNCTIONS,
+    MoEAdapter,
+    get_path,
+    has_path,
+    sigmoid_scores,
+    softmax_scores,
+)
 
 FAMILY = "C: sigmoid + correction bias, group-limited top-k, renorm, scaled"
 SOFTMAX_FAMILY = "C: softmax, group-limited top-k, scaled"
@@ -249,6 +260,21 @@ def afmoe_route(block, logits):
     )
 
 
+def named_scores(path: str, otherwise: str | None = None):
+    """Dense scores ``scores(block, logits)`` of routers whose score function is named by the
+    block attribute at ``path`` ("sigmoid" or "softmax"; any other name is ``otherwise``, or an
+    error when None)."""
+
+    def scores(block, logits):
+        name = get_path(block, path)
+        function = SCORE_FUNCTIONS.get(name) or SCORE_FUNCTIONS.get(otherwise)
+        if function is None:
+            raise ValueError(f"unknown router score function {name!r}")
+        return function(block, logits)
+
+    return scores
+
+
 def _float32_logits(block, x):
     """bailing_moe_v3 ``BailingGate``: the logits are computed in float32."""
     import mlx.core as mx
@@ -317,6 +343,7 @@ _MOE_GATE = dict(
     router_attr="gate.weight",
     correction_bias_attr="gate.e_score_correction_bias",
     route=block_select("group_expert_select", _moe_gate_arguments),
+    scores=sigmoid_scores,
     shared_attrs=("shared_experts",),
     num_experts_keys=("n_routed_experts",),
 )
@@ -425,6 +452,7 @@ ADAPTERS = [
         router_attr="gate",
         correction_bias_attr="e_score_correction_bias",
         route=block_select("_group_expert_select", _kimi_arguments(True), holder=None),
+        scores=named_scores("args.moe_router_activation_func"),
         shared_attrs=("shared_experts",),
         num_experts_keys=("num_experts",),
         top_k_attrs=("args.num_experts_per_token",),
@@ -441,6 +469,7 @@ ADAPTERS = [
         router_attr="gate",
         correction_bias_attr="e_score_correction_bias",
         route=block_select("_group_expert_select", _kimi_arguments(False), holder=None),
+        scores=sigmoid_scores,
         shared_attrs=("shared_experts",),
         expert_input_attr="routed_expert_down_proj",
         # mlx-lm accepts the config flat or under text_config: edit the keys that are present.
@@ -465,6 +494,8 @@ ADAPTERS = [
         router_attr="gate.gate_proj",
         correction_bias_attr="gate.expert_bias",
         route=block_select("group_expert_select", _bailing_gate_arguments),
+        # mlx-lm's group_expert_select takes the softmax for any name other than "sigmoid"
+        scores=named_scores("gate.score_function", otherwise="softmax"),
         shared_attrs=("shared_experts",),
         num_experts_keys=("num_experts",),
         notes="gate.expert_bias is None unless moe_router_enable_expert_bias; "
@@ -480,6 +511,7 @@ ADAPTERS = [
         router_attr="gate.gate_proj",
         correction_bias_attr="gate.expert_bias",
         route=bailing_hybrid_route,
+        scores=named_scores("gate.score_function"),
         shared_attrs=("shared_experts",),
         num_experts_keys=("num_experts",),
         notes="Configs with architectures ['BailingMoeV3ForCausalLM'] load bailing_moe_v3 "
@@ -496,6 +528,7 @@ ADAPTERS = [
         correction_bias_attr="gate.expert_bias",
         logits=_float32_logits,
         route=block_select("_group_expert_select", _bailing_v3_arguments),
+        scores=sigmoid_scores,
         shared_attrs=("shared_experts",),
         num_experts_keys=("num_experts",),
         notes="Matched from config model_type 'bailing_hybrid' with architectures "
@@ -512,6 +545,7 @@ ADAPTERS = [
         router_attr="router.gate",
         correction_bias_attr="expert_bias",
         route=afmoe_route,
+        scores=named_scores("score_func"),
         shared_attrs=("shared_experts",),
         num_experts_keys=("num_experts",),
         notes="MoE layers are i >= num_dense_layers; post_mlp_layernorm normalises the block "
@@ -525,6 +559,7 @@ ADAPTERS = [
         router_family="C: softmax, group-limited top-k, renorm, scaled",
         router_attr="gate",
         route=block_select("mistral4_expert_select", _mistral4_arguments, holder=None),
+        scores=softmax_scores,
         shared_attrs=("shared_experts",),
         num_experts_keys=("n_routed_experts", "text_config.n_routed_experts"),
         requires=_wraps_mistral4,
@@ -543,6 +578,7 @@ ADAPTERS = [
         router_family=SOFTMAX_FAMILY,
         router_attr="gate.weight",
         route=deepseek_v2_route,
+        scores=softmax_scores,
         shared_attrs=("shared_experts",),
         num_experts_keys=("n_routed_experts",),
         notes="Groups apply only with topk_method 'group_limited_greedy'; norm_topk_prob is "

@@ -4,7 +4,10 @@ scores, a selection-only bias, top-k, renormalisation, scaling) and phimoe's spa
 
 Every route function below is written from the installed ``mlx_lm/models/<type>.py`` block and
 repeats its operations in the same order (which ``argpartition`` form, float32 casts, epsilons),
-so the adapter selects exactly the experts the block selected.
+so the adapter selects exactly the experts the block selected. Each route also declares its
+dense scores (``router_scores``: every expert's probability before the top-k): the softmax over
+all experts for families A and B and phimoe, the sigmoid (or laguna's score function) without
+the selection-only bias for family D.
 
 The weights an adapter reports are the factors that multiply each expert's raw output in the
 block's sum: renormalisation, ``routed_scaling_factor``-style scaling (also when the block applies
@@ -16,7 +19,13 @@ MLX is imported inside the functions so that listing plugins does not import it.
 from collections.abc import Callable
 
 import attrs
-from mlxfun.core.adapter import MoEAdapter, get_path
+from mlxfun.core.adapter import (
+    MoEAdapter,
+    get_path,
+    sigmoid_scores,
+    softmax_scores,
+    with_scores,
+)
 
 from .routing import softmax_topk, topk_softmax
 
@@ -64,7 +73,7 @@ def logits_topk_softmax(top_k="num_experts_per_tok", largest_last=True, fp32=Fal
             return inds, mx.softmax(top, axis=-1, precise=True)
         return inds, mx.softmax(top, axis=-1)
 
-    return route
+    return with_scores(route, softmax_scores)
 
 
 def softmax_all_topk(top_k="top_k", norm=None, largest_last=False):
@@ -82,7 +91,7 @@ def softmax_all_topk(top_k="top_k", norm=None, largest_last=False):
             scores = scores / scores.sum(axis=-1, keepdims=True)
         return inds, scores
 
-    return route
+    return with_scores(route, softmax_scores)
 
 
 def ernie_route(block, logits):
@@ -98,10 +107,20 @@ def ernie_route(block, logits):
     return inds, scores
 
 
+def ernie_scores(block, logits):
+    """ernie4_5_moe's dense scores: the block's gate activation (softmax or sigmoid) on the
+    float32 logits."""
+    import mlx.core as mx
+
+    return block.gate_act(logits.astype(mx.float32))
+
+
 def sparsemixer(top_k="top_k", jitter_eps="jitter_eps"):
     """phimoe's sparsemixer (inference path): k rounds of argmax; each weight is a softmax over
     the logits within a relative band of 2 * jitter_eps of that round's maximum, excluding the
-    experts already picked; no renormalisation."""
+    experts already picked; no renormalisation. The dense scores are the softmax over all
+    experts: each weight is that softmax restricted to the round's band (the closest dense
+    score; a weight equals it when the band holds every expert not yet picked)."""
 
     def route(block, logits):
         import mlx.core as mx
@@ -121,7 +140,7 @@ def sparsemixer(top_k="top_k", jitter_eps="jitter_eps"):
             masked = mx.put_along_axis(masked, ind, mx.array(-mx.inf, masked.dtype), axis=-1)
         return mx.concatenate(inds, axis=-1), mx.concatenate(scores, axis=-1)
 
-    return route
+    return with_scores(route, softmax_scores)
 
 
 def sigmoid_topk(
@@ -156,13 +175,26 @@ def sigmoid_topk(
             weights = weights * _attr(block, scale)
         return inds, weights
 
-    return route
+    return with_scores(route, sigmoid_scores)
 
 
 def laguna_route(block, logits):
     """laguna: float32 logits, optional tanh soft-cap, sigmoid or sqrt(softplus) scores, plus the
     selection-only correction bias, top-k, always renormalised; the block multiplies the summed
     routed output by ``routed_scaling_factor``, which is folded into the weights here."""
+    import mlx.core as mx
+
+    gate = block.gate
+    scores = laguna_scores(block, logits)
+    inds = _top_k_indices(scores + gate.e_score_correction_bias, gate.top_k, largest_last=False)
+    weights = mx.take_along_axis(scores, inds, axis=-1)
+    weights = weights / weights.sum(axis=-1, keepdims=True)
+    return inds, weights * block.routed_scaling_factor
+
+
+def laguna_scores(block, logits):
+    """laguna's dense scores: the soft-capped float32 logits through sigmoid or
+    sqrt(softplus), without the correction bias."""
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -171,15 +203,10 @@ def laguna_route(block, logits):
     if gate.softcap > 0.0:
         logits = mx.tanh(logits / gate.softcap) * gate.softcap
     if gate.score_func == "sigmoid":
-        scores = mx.sigmoid(logits)
-    elif gate.score_func == "sqrtsoftplus":
-        scores = mx.sqrt(nn.softplus(logits))
-    else:
-        raise ValueError(f"laguna: unknown moe_router_score_func {gate.score_func!r}")
-    inds = _top_k_indices(scores + gate.e_score_correction_bias, gate.top_k, largest_last=False)
-    weights = mx.take_along_axis(scores, inds, axis=-1)
-    weights = weights / weights.sum(axis=-1, keepdims=True)
-    return inds, weights * block.routed_scaling_factor
+        return mx.sigmoid(logits)
+    if gate.score_func == "sqrtsoftplus":
+        return mx.sqrt(nn.softplus(logits))
+    raise ValueError(f"laguna: unknown moe_router_score_func {gate.score_func!r}")
 
 
 _step3p5_select = None
@@ -486,6 +513,7 @@ ADAPTERS = [
         description="ERNIE 4.5 MoE: softmax (or sigmoid) over all experts, top-k, always renormalised",
         router_family="B: softmax-all, top-k, renorm",
         route=ernie_route,
+        scores=ernie_scores,
         shared_attrs=("shared_experts",),
         num_experts_keys=("moe_num_experts",),
         top_k_attrs=("k",),
@@ -578,6 +606,7 @@ ADAPTERS = [
         router_family="D: sigmoid + bias, top-k, renorm, scaled",
         router_attr="gate.proj",
         route=laguna_route,
+        scores=laguna_scores,
         correction_bias_attr="gate.e_score_correction_bias",
         shared_attrs=("shared_expert",),
         num_experts_keys=("num_experts",),
@@ -591,6 +620,7 @@ ADAPTERS = [
         router_family="D: sigmoid + bias, top-k, renorm, scaled",
         router_attr="gate.gate",
         route=step3p5_route,
+        scores=sigmoid_scores,
         correction_bias_attr="gate.router_bias",
         shared_attrs=("share_expert",),
         num_experts_keys=("moe_num_experts",),

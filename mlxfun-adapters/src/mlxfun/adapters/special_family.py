@@ -42,7 +42,13 @@ import re
 from typing import Any
 
 import attrs
-from mlxfun.core.adapter import MoEAdapter, MoELayer, expert_projections, get_path
+from mlxfun.core.adapter import (
+    MoEAdapter,
+    MoELayer,
+    expert_projections,
+    get_path,
+    sigmoid_scores,
+)
 
 LLAMA4_FAMILY = "special: top-1 sigmoid score scales the expert input"
 GEMMA4_FAMILY = "special: top-k logits on a normalised input, softmax over k, per-expert scale"
@@ -101,6 +107,15 @@ def gemma4_route(router, logits):
     indices = mx.argpartition(logits, kth=-k, axis=-1)[..., -k:]
     weights = mx.softmax(mx.take_along_axis(logits, indices, axis=-1), axis=-1)
     return indices, weights * router.per_expert_scale[indices]
+
+
+def gemma4_scores(router, logits):
+    """gemma4's dense scores: the softmax over all experts times ``per_expert_scale`` (the
+    route's weights are the same softmax renormalised over the k, times the scale)."""
+    import mlx.core as mx
+
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1, precise=True)
+    return probs * router.per_expert_scale.astype(mx.float32)
 
 
 @attrs.define
@@ -200,22 +215,30 @@ def deepseek_v41_route(block, logits):
     un-biased scores renormalised (+1e-20, when top-k > 1 and norm_topk_prob) times
     routed_scaling_factor."""
     import mlx.core as mx
-    import mlx.nn as nn
 
     gate = block.gate
-    logits = logits / gate.gate_temp
-    if gate.score_func == "sigmoid":
-        scores = mx.sigmoid(logits)
-    elif gate.score_func == "softmax":
-        scores = mx.softmax(logits, axis=-1)
-    else:
-        scores = mx.sqrt(nn.softplus(logits))
+    scores = deepseek_v41_scores(block, logits)
     biased = scores + gate.e_score_correction_bias
     chosen = mx.argpartition(-biased, gate.top_k - 1, axis=-1)[..., : gate.top_k]
     weights = mx.take_along_axis(scores, chosen, axis=-1)
     if gate.norm_topk_prob and gate.top_k > 1:
         weights = weights / (mx.sum(weights, axis=-1, keepdims=True) + 1e-20)
     return chosen, weights * gate.route_scale
+
+
+def deepseek_v41_scores(block, logits):
+    """deepseek_v41's dense scores: logits / gate_temp through sigmoid, softmax or
+    sqrt(softplus), without the correction bias."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    gate = block.gate
+    logits = logits / gate.gate_temp
+    if gate.score_func == "sigmoid":
+        return mx.sigmoid(logits)
+    if gate.score_func == "softmax":
+        return mx.softmax(logits, axis=-1)
+    return mx.sqrt(nn.softplus(logits))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +300,7 @@ ADAPTERS = [
         experts_attr="experts",
         router_attr="router",
         route=llama4_route,
+        scores=sigmoid_scores,
         shared_attrs=("shared_expert",),
         num_experts_keys=("text_config.num_local_experts",),
         top_k_keys=("text_config.num_experts_per_tok",),
@@ -296,6 +320,7 @@ ADAPTERS = [
         router_attr="proj",
         logits=gemma4_logits,
         route=gemma4_route,
+        scores=gemma4_scores,
         per_expert_attrs=("per_expert_scale",),
         # gemma4/gemma4_unified configs nest the text model in text_config, gemma4_text is flat:
         # edit the keys that are present.
@@ -321,6 +346,7 @@ ADAPTERS = [
         router_attr="gate.weight",
         logits=deepseek_v41_logits,
         route=deepseek_v41_route,
+        scores=deepseek_v41_scores,
         correction_bias_attr="gate.e_score_correction_bias",
         shared_attrs=("shared_experts",),
         # ModelArgs reads text_config when the config has one: edit the keys that are present.

@@ -15,9 +15,12 @@ architecture is usually one ``MoEAdapter(...)`` call::
     )
 
 ``route(block, logits)`` returns ``(indices, weights)`` exactly as the block computes them
-(MLX arrays, last axis top-k). The MoE layers are found by looking for modules at
-``<block>.<experts_attr>`` that hold stacked expert weights, so dense layers, strided MoE layers
-and hybrid stacks need no extra description. Nothing here imports MLX at module import time.
+(MLX arrays, last axis top-k). ``router_scores(block, logits)`` gives every expert's router
+probability before the top-k (the softmax or sigmoid the route takes of the logits, without a
+selection-only bias): an adapter's ``scores`` when declared, else the route's own ``scores``
+attribute (the routing factories set it), else the softmax of the logits. The MoE layers are
+found by looking for modules at ``<block>.<experts_attr>`` that hold stacked expert weights, so
+dense layers, strided MoE layers and hybrid stacks need no extra description. Nothing here imports MLX at module import time.
 """
 
 import re
@@ -81,6 +84,31 @@ def _first_attr(obj, candidates):
     return None
 
 
+def softmax_scores(block, logits):
+    """Router probabilities of a softmax router: softmax over all experts (float32)."""
+    import mlx.core as mx
+
+    return mx.softmax(logits.astype(mx.float32), axis=-1, precise=True)
+
+
+def sigmoid_scores(block, logits):
+    """Router probabilities of a sigmoid router: the sigmoid of each logit (float32), without
+    the correction bias (it only steers the selection)."""
+    import mlx.core as mx
+
+    return mx.sigmoid(logits.astype(mx.float32))
+
+
+SCORE_FUNCTIONS = {"softmax": softmax_scores, "sigmoid": sigmoid_scores}
+
+
+def with_scores(route: Callable, scores: Callable) -> Callable:
+    """``route`` declaring its dense scores ``scores(block, logits)`` (as its ``scores``
+    attribute, which ``MoEAdapter.router_scores`` reads); returns ``route``."""
+    route.scores = scores
+    return route
+
+
 @attrs.define(kw_only=True, frozen=True)
 class MoEAdapter:
     name: str
@@ -92,6 +120,9 @@ class MoEAdapter:
     router_attr: str = "gate"
     # logits(block, x): the router's logits; default applies router_attr (Linear or raw array).
     logits: Callable | None = attrs.field(default=None, repr=False)
+    # scores(block, logits): every expert's router probability before the top-k, (..., E);
+    # None: the route's ``scores`` attribute, else the softmax of the logits.
+    scores: Callable | None = attrs.field(default=None, repr=False)
     correction_bias_attr: str | None = None
     shared_attrs: tuple[str, ...] = ()
     num_experts_keys: tuple[str, ...] = ("num_experts",)
@@ -140,6 +171,14 @@ class MoEAdapter:
         if callable(router):
             return router(x)
         return x @ router.T
+
+    def router_scores(self, block, logits):
+        """Every expert's router probability before the top-k selection, (..., E) float32: what
+        the route takes of the logits (softmax over all experts, or the sigmoid of each logit
+        without the selection-only correction bias). For statistics that weight every expert
+        by its probability (REAM's gated outputs)."""
+        scores = self.scores or getattr(self.route, "scores", None) or softmax_scores
+        return scores(block, logits)
 
     def routing(self, block, x):
         """``(indices, weights, logits)`` for block input ``x``, as the block computes them."""

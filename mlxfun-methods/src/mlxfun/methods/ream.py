@@ -11,8 +11,10 @@ Per MoE layer, in order, on one token sample (``max_tokens``):
 1. the layer's input is captured with the merged model so far (earlier layers merged);
 2. every expert of the source layer is evaluated on every sampled token, from its dequantized
    float32 weights and the experts module's own activation;
-3. similarity = mean of output similarity (cosine of mean_x p_j(x) f_j(x), mapped to [0, 1])
-   and router similarity (1 - half the distance of the L2-normalised logit columns);
+3. similarity = mean of output similarity (cosine of mean_x p_j(x) f_j(x), mapped to [0, 1],
+   p_j the adapter's ``router_scores``: the architecture's own probability of expert j before
+   the top-k, softmax or sigmoid) and router similarity (1 - half the distance of the
+   L2-normalised logit columns);
 4. centroids in descending saliency take their most similar unassigned experts up to the
    group size (0: every non-centroid joins its most similar centroid);
 5. each member's intermediate neurons are matched to its centroid's (Hungarian algorithm on
@@ -479,9 +481,11 @@ def layer_inputs(model, block, sequences, batch_size: int):
     return mx.concatenate(pieces, axis=0)
 
 
-def full_router_logits(model, adapter, layer, plan, tensors: dict, x):
-    """Router logits of every source expert (tokens, E): the block's router tensors are swapped
-    for the source's full ones while the adapter computes them, then restored."""
+def full_router_scores(model, adapter, layer, plan, tensors: dict, x):
+    """``(logits, probs)`` of every source expert, each (tokens, E) float32: the router logits
+    and the adapter's ``router_scores`` of them (each expert's probability before the top-k, as
+    the architecture scores it). The block's router tensors are swapped for the source's full
+    ones while the adapter computes them, then restored."""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
@@ -492,22 +496,23 @@ def full_router_logits(model, adapter, layer, plan, tensors: dict, x):
     model.update(tree_unflatten(list(router.items())), strict=False)
     try:
         logits = adapter.router_logits(layer.block, x).astype(mx.float32)
-        mx.eval(logits)
+        probs = adapter.router_scores(layer.block, logits).astype(mx.float32)
+        mx.eval(logits, probs)
     finally:
         model.update(tree_unflatten(saved), strict=False)
-    return logits
+    return logits, probs
 
 
 # ---------------------------------------------------------------------------------------------
 # One layer
 
 
-def layer_statistics(kind, activation, weights: dict, x, logits, num_experts: int):
+def layer_statistics(kind, activation, weights: dict, x, logits, probs, num_experts: int):
     """``(gated means (E, hidden), logits (tokens, E))`` as float64 numpy: every expert on every
-    token, weighted by the softmax of the router logits."""
+    token, weighted by its router probability ``probs`` (tokens, E), the adapter's
+    ``router_scores``."""
     import mlx.core as mx
 
-    probs = mx.softmax(logits, axis=-1)
     means = []
     for e in range(num_experts):
         expert = {name: value[e] for name, value in weights.items()}
@@ -610,7 +615,8 @@ def merge(request: MergeRequest) -> dict:
         samples = load_samples(request.dataset, max_samples=request.max_samples, seed=request.seed)
     from mlxfun.core.io import atomic_output_dir
 
-    with atomic_output_dir(request.output, force=request.force) as tmp:
+    inputs = (request.model, request.stats, *request.dataset)
+    with atomic_output_dir(request.output, force=request.force, inputs=inputs) as tmp:
         written = write_pruned(plan, tmp)
         report = _merge_into(plan, tmp, samples, request)
         provenance = dict(plan.provenance)
@@ -672,10 +678,10 @@ def _merge_into(plan, directory: Path, samples, request: MergeRequest) -> dict:
             activation = experts.activation
             _check_elementwise(kind, activation, int(weights[next(iter(weights))].shape[1]))
             _check_formula(adapter, mem_layer, kind, activation, weights, keep, x)
-            logits = full_router_logits(model, adapter, mem_layer, plan_layer, tensors, x)
+            logits, probs = full_router_scores(model, adapter, mem_layer, plan_layer, tensors, x)
             bar.update(1)
             means, logits_np = layer_statistics(
-                kind, activation, weights, x, logits, plan_layer.num_experts
+                kind, activation, weights, x, logits, probs, plan_layer.num_experts
             )
             similarity = expert_similarity(means, logits_np)
             groups = group_experts(similarity, saliency, keep, request.group_size)
@@ -714,7 +720,8 @@ def _merge_into(plan, directory: Path, samples, request: MergeRequest) -> dict:
             "align_tokens": int(min(request.align_tokens, total_tokens)),
             "datasets": [str(p) for p in request.dataset],
             "seed": request.seed,
-            "similarity": "mean of output cosine (softmax-gated, [0,1]) and router-logit similarity",
+            "similarity": "mean of output cosine (gated by the router's own probabilities, "
+            "[0,1]) and router-logit similarity",
             "groups": groups_out,
             "saliency": saliency_out,
         }
