@@ -89,26 +89,80 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def expert_shapes(experts) -> dict[str, list[int]]:
+    """Logical shapes of an experts module's stacked tensors: ``[experts, out, in]`` per
+    projection weight (unquantized, so a float model and its quantized conversion agree) and
+    ``[experts, out]`` per expert bias."""
+    from .adapter import expert_projections, get_path, has_path
+
+    shapes = {}
+    for name in expert_projections(experts):
+        proj = get_path(experts, name)
+        try:
+            shape = [int(proj.num_experts), int(proj.output_dims), int(proj.input_dims)]
+        except (AttributeError, TypeError):
+            shape = [int(d) for d in proj.weight.shape]
+        shapes[f"{name}.weight"] = shape
+        if has_path(proj, "bias"):
+            shapes[f"{name}.bias"] = [int(d) for d in proj.bias.shape]
+    return shapes
+
+
 def model_fingerprint(config: dict, layers) -> dict:
-    """What identifies a model for statistics: architecture, config hash, MoE layers and shapes."""
-    return {
+    """What identifies a model for statistics: architecture, config hash, MoE layers, experts
+    and top-k per layer, and (for layers that carry their experts module, e.g. ``MoELayer``)
+    the expert tensor shapes per layer."""
+    fingerprint = {
         "model_type": config.get("model_type"),
         "config_hash": config_hash(config),
         "moe_layers": [layer.index for layer in layers],
         "experts_per_layer": [layer.num_experts for layer in layers],
         "top_k": [layer.top_k for layer in layers],
     }
+    if layers and all(getattr(layer, "experts", None) is not None for layer in layers):
+        fingerprint["expert_shapes"] = [expert_shapes(layer.experts) for layer in layers]
+    return fingerprint
+
+
+# Compared in this order; ``expert_shapes`` only when both sides have it (files written before
+# it was recorded, and fingerprints of layers without their experts module, lack it).
+_FINGERPRINT_KEYS = (
+    "model_type",
+    "moe_layers",
+    "experts_per_layer",
+    "expert_shapes",
+    "config_hash",
+)
+
+
+def fingerprint_difference(theirs: dict, mine: dict) -> str | None:
+    """``None`` when two fingerprints describe the same model, else what differs, worded as
+    ``key: the stats file has X, the model has Y`` (``theirs`` is the stats file's)."""
+    for key in _FINGERPRINT_KEYS:
+        if key == "expert_shapes" and (key not in theirs or key not in mine):
+            continue
+        a, b = theirs.get(key), mine.get(key)
+        if a == b:
+            continue
+        if key == "expert_shapes" and len(a) == len(b):
+            layers = mine.get("moe_layers") or list(range(len(b)))
+            for index, x, y in zip(layers, a, b):
+                if x != y:
+                    return (
+                        f"expert shapes of layer {index}: the stats file has {x}, the model has {y}"
+                    )
+        return f"{key}: the stats file has {a}, the model has {b}"
+    return None
 
 
 def check_fingerprint(stats: Stats, fingerprint: dict, stats_path) -> None:
     """Refuse statistics from another model, naming what differs."""
-    theirs = stats.fingerprint
-    for key in ("model_type", "moe_layers", "experts_per_layer", "config_hash"):
-        if theirs.get(key) != fingerprint.get(key):
-            raise MlxfunError(
-                f"{stats_path} was collected on another model ({key}: {theirs.get(key)} here "
-                f"vs {fingerprint.get(key)} in the model); run `mlxfun collect` on this model"
-            )
+    difference = fingerprint_difference(stats.fingerprint, fingerprint)
+    if difference is not None:
+        raise MlxfunError(
+            f"{stats_path} was collected on another model ({difference}); "
+            f"run `mlxfun collect` on this model"
+        )
 
 
 def save_stats(path, scores, accumulators, token_counts, metadata) -> None:
@@ -183,15 +237,16 @@ def merge_stats(stats_list: list[Stats], scorers_by_name: dict, mode: str = "sum
     ``rank`` sums per-layer ranks (0 = least important) across the files."""
     first = stats_list[0]
     for other in stats_list[1:]:
-        if other.fingerprint != first.fingerprint:
-            diff = [
-                k for k in first.fingerprint if first.fingerprint.get(k) != other.fingerprint.get(k)
-            ]
-            raise MlxfunError(
-                f"cannot merge stats of different models (they differ in {', '.join(diff)})"
-            )
+        difference = fingerprint_difference(other.fingerprint, first.fingerprint)
+        if difference is not None:
+            key = difference.split(":", 1)[0]
+            raise MlxfunError(f"cannot merge stats of different models (they differ in {key})")
     names = sorted(set.intersection(*(set(s.scores) for s in stats_list)))
     metadata = dict(first.metadata)
+    # keep the most complete fingerprint (files written before expert_shapes was recorded lack it)
+    metadata["fingerprint"] = next(
+        (s.fingerprint for s in stats_list if "expert_shapes" in s.fingerprint), first.fingerprint
+    )
     metadata["datasets"] = [d for s in stats_list for d in _as_list(s.metadata.get("datasets"))]
     metadata["tokens_seen"] = int(sum(s.metadata.get("tokens_seen", 0) for s in stats_list))
     metadata["merged_from"] = len(stats_list)

@@ -304,10 +304,13 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
     plans = slicing.layer_plans(skeleton, adapter)
     if not plans:
         raise MlxfunError(f"{adapter.name}: found no MoE layers in {source}")
-    check_fingerprint(stats, model_fingerprint(config, plans), request.stats)
+    moe_layers = adapter.moe_layers(skeleton)
+    # from the MoE layers (not the plans) so the fingerprint holds the expert tensor shapes
+    fingerprint = model_fingerprint(config, moe_layers)
+    check_fingerprint(stats, fingerprint, request.stats)
     layer_indices = [plan.index for plan in plans]
 
-    blocks = {layer.position: layer.block for layer in adapter.moe_layers(skeleton)}
+    blocks = {layer.position: layer.block for layer in moe_layers}
     group_settings = {router_groups(adapter, blocks[p.position]) for p in plans}
     if len(group_settings) != 1:
         raise MlxfunError(f"{adapter.name}: MoE layers disagree on their router groups")
@@ -396,7 +399,7 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
         "method": method,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "source_model": str(source.resolve()),
-        "source_fingerprint": model_fingerprint(config, plans),
+        "source_fingerprint": fingerprint,
         "stats": {
             "path": str(request.stats.resolve()),
             "fingerprint": stats.fingerprint,
