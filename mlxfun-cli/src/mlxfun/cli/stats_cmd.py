@@ -20,14 +20,15 @@ def register(app: typer.Typer) -> None:
     ):
         """Per-layer summary of one statistic; optionally a heatmap picture."""
         import numpy as np
-        from mlxfun.core.stats import load_stats
+        from mlxfun.core.stats import layer_expert_counts, load_stats
 
         data = load_stats(stats)
         scores = data.score(scorer)
         layers = data.metadata.get("moe_layers", list(range(scores.shape[0])))
+        counts = layer_expert_counts(data, scores.shape[1])
         rows = []
         for position, index in enumerate(layers):
-            row_scores = scores[position]
+            row_scores = scores[position, : counts[position]]  # padded columns are no experts
             order = np.argsort(row_scores, kind="stable")
             rows.append(
                 {
@@ -59,14 +60,22 @@ def register(app: typer.Typer) -> None:
         inputs: list[Path] = typer.Argument(..., help="Stats files of the same model."),
         output: Path = typer.Option(..., "--output", "-o", help="Merged stats file."),
         mode: str = typer.Option(
-            "sum", "--mode", help="sum: exact union of the data; rank: sum of per-layer ranks."
+            "sum",
+            "--mode",
+            help=(
+                "sum: exact union of the data; rank: sum of within-layer ranks (compare "
+                "experts of one layer: bottom, strided); global-rank: sum of model-wide ranks "
+                "(compare across layers: model-wide)."
+            ),
         ),
     ):
         """Combine stats files of the same model (e.g. several domains)."""
         from mlxfun.core import plugins
         from mlxfun.core.errors import MlxfunError
-        from mlxfun.core.stats import load_stats, merge_stats, save_stats
+        from mlxfun.core.stats import MERGE_MODES, load_stats, merge_stats, save_stats
 
+        if mode not in MERGE_MODES:
+            raise MlxfunError(f"unknown --mode {mode!r}; use {', '.join(MERGE_MODES)}")
         if len(inputs) < 2:
             raise MlxfunError("give at least two stats files to merge")
         loaded = [load_stats(p) for p in inputs]

@@ -213,28 +213,62 @@ def load_stats(path) -> Stats:
     return Stats(scores, accumulators, token_counts, metadata)
 
 
-def within_layer_ranks(scores: np.ndarray) -> np.ndarray:
-    """Rank of each expert inside its layer: 0 = least important; ties by expert id."""
-    order = np.argsort(scores, axis=-1, kind="stable")
-    ranks = np.empty_like(order)
-    np.put_along_axis(
-        ranks, order, np.arange(scores.shape[-1])[None, :].repeat(scores.shape[0], 0), -1
-    )
-    return ranks.astype(np.float64)
+def existing_experts(shape, num_experts=None) -> np.ndarray:
+    """Boolean (num_moe_layers, columns) mask of the experts that exist: a layer with fewer
+    experts than the score array has columns (non-uniform models) has padded columns, which
+    belong to no ranking. ``num_experts`` is one count per layer (default: every column)."""
+    layers, width = shape
+    if num_experts is None:
+        return np.ones(shape, dtype=bool)
+    counts = np.asarray(list(num_experts), dtype=np.int64)
+    if counts.shape != (layers,) or (counts < 0).any() or (counts > width).any():
+        raise MlxfunError(
+            f"experts per layer {counts.tolist()} do not fit a score array of shape {tuple(shape)}"
+        )
+    return np.arange(width)[None, :] < counts[:, None]
 
 
-def model_wide_ranks(scores: np.ndarray) -> np.ndarray:
-    """Rank of each (layer, expert) across the whole model: 0 = least important."""
-    flat = scores.reshape(-1)
-    order = np.argsort(flat, kind="stable")
-    ranks = np.empty(flat.shape, dtype=np.float64)
-    ranks[order] = np.arange(flat.size)
+def within_layer_ranks(scores: np.ndarray, num_experts=None) -> np.ndarray:
+    """Rank of each expert among its layer's experts: 0 = least important, ties by expert id.
+    Padded columns (experts the layer does not have, see ``existing_experts``) are 0 and take
+    no rank."""
+    scores = np.asarray(scores, dtype=np.float64)
+    mask = existing_experts(scores.shape, num_experts)
+    ranks = np.zeros(scores.shape, dtype=np.float64)
+    for position in range(scores.shape[0]):
+        real = np.flatnonzero(mask[position])
+        order = real[np.argsort(scores[position, real], kind="stable")]
+        ranks[position, order] = np.arange(order.size)
+    return ranks
+
+
+def model_wide_ranks(scores: np.ndarray, num_experts=None) -> np.ndarray:
+    """Rank of each (layer, expert) among all the experts of the model: 0 = least important,
+    ties by layer position then expert id (the ``model-wide`` selector's order). Padded columns
+    are 0 and take no rank, so the ranks run 0 .. (experts in the model - 1)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    mask = existing_experts(scores.shape, num_experts)
+    real = np.flatnonzero(mask.reshape(-1))
+    order = real[np.argsort(scores.reshape(-1)[real], kind="stable")]
+    ranks = np.zeros(scores.size, dtype=np.float64)
+    ranks[order] = np.arange(order.size)
     return ranks.reshape(scores.shape)
+
+
+def layer_expert_counts(stats: Stats, width: int) -> list[int]:
+    """Experts per MoE layer from the stats file's fingerprint (every column when absent)."""
+    counts = (stats.metadata.get("fingerprint") or {}).get("experts_per_layer")
+    return list(counts) if counts else [width] * len(stats.token_counts)
+
+
+MERGE_MODES = ("sum", "rank", "global-rank")
 
 
 def merge_stats(stats_list: list[Stats], scorers_by_name: dict, mode: str = "sum") -> Stats:
     """Combine stats of the same model: ``sum`` is exactly one collect over all the datasets;
-    ``rank`` sums per-layer ranks (0 = least important) across the files."""
+    ``rank`` sums each file's within-layer ranks (0 = least important), comparable inside a
+    layer only; ``global-rank`` sums each file's model-wide ranks (``model_wide_ranks``),
+    comparable across layers, for the ``model-wide`` selector. Ranks skip padded columns."""
     first = stats_list[0]
     for other in stats_list[1:]:
         difference = fingerprint_difference(other.fingerprint, first.fingerprint)
@@ -252,16 +286,20 @@ def merge_stats(stats_list: list[Stats], scorers_by_name: dict, mode: str = "sum
     metadata["merged_from"] = len(stats_list)
     metadata["merge_mode"] = mode
     token_counts = sum(s.token_counts for s in stats_list)
-    if mode == "rank":
-        scores = {n: sum(within_layer_ranks(s.scores[n]) for s in stats_list) for n in names}
+    if mode not in MERGE_MODES:
+        raise MlxfunError(f"unknown merge mode {mode!r}; use {', '.join(MERGE_MODES)}")
+    if mode in ("rank", "global-rank"):
+        rank = within_layer_ranks if mode == "rank" else model_wide_ranks
+        scores = {}
+        for n in names:
+            counts = layer_expert_counts(first, first.scores[n].shape[1])
+            scores[n] = sum(rank(s.scores[n], counts) for s in stats_list)
         return Stats(scores, {}, token_counts, metadata)
-    if mode != "sum":
-        raise MlxfunError(f"unknown merge mode {mode!r}; use sum or rank")
     accumulators, scores = {}, {}
     for name in names:
         if any(name not in s.accumulators for s in stats_list):
             raise MlxfunError(
-                f"{name!r} has no accumulators in every file (a rank-merged file?); use --mode rank"
+                f"{name!r} has no accumulators in every file (a rank-merged file?); use --mode rank or global-rank"
             )
         scorer = scorers_by_name[name]
         combine = getattr(scorer, "combine", None) or (lambda a, b: {k: a[k] + b[k] for k in a})
