@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
                 }
             )
         if plot is not None:
-            _heatmap(scores, layers, scorer, plot)
+            _heatmap(scores, layers, scorer, plot, counts)
         if json_output:
             print_json({"scorer": scorer, "metadata": data.metadata, "layers": rows})
             return
@@ -92,7 +92,10 @@ def register(app: typer.Typer) -> None:
         )
 
 
-def _heatmap(scores, layers, scorer: str, path: Path) -> None:
+def _heatmap(scores, layers, scorer: str, path: Path, counts=None) -> None:
+    """A (MoE layer x expert) picture of one statistic; padded columns (experts a layer does not
+    have) are left blank. The figure grows with the array up to 24 x 16 inches (120 dpi)."""
+    import numpy as np
     from mlxfun.core.errors import MlxfunError
 
     try:
@@ -102,13 +105,26 @@ def _heatmap(scores, layers, scorer: str, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise MlxfunError("--plot needs matplotlib: pip install 'mlxfun-cli[plot]'") from None
-    fig, ax = plt.subplots(figsize=(max(6, scores.shape[1] * 0.3), max(3, scores.shape[0] * 0.3)))
-    image = ax.imshow(scores, aspect="auto", cmap="viridis")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
-    ax.set_yticks(range(len(layers)), [str(i) for i in layers])
-    ax.set_title(f"{scorer} per expert")
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    scores = np.asarray(scores, dtype=np.float64)
+    num_layers, width = scores.shape
+    counts = counts if counts is not None else [width] * num_layers
+    padded = np.arange(width)[None, :] >= np.asarray(counts)[:, None]
+    data = np.ma.masked_array(scores, mask=padded | ~np.isfinite(scores))
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    size = (min(24, max(6, width * 0.3)), min(16, max(3, num_layers * 0.3)))
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        image = ax.imshow(data, aspect="auto", cmap=cmap, interpolation="nearest")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        step = max(1, num_layers // 32)  # at most ~32 labels
+        ticks = list(range(0, num_layers, step))
+        ax.set_yticks(ticks, [str(layers[i]) for i in ticks])
+        ax.set_title(f"{scorer} per expert")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
