@@ -251,6 +251,12 @@ ERRORS = [
     (MODEL_WIDE, dict(n=3, min_keep=7, target={0: [1, 2]}), "can lose at most 1"),
     (MODEL_WIDE, dict(n=[1, 2, 3]), "one n"),
     (MODEL_WIDE, dict(n=2, normalize="zscore"), "unknown normalize"),
+    (BOTTOM, dict(n=1, min_keep=9), "min_keep 9 is more than the 8 experts of layer 0"),
+    (STRIDED, dict(n=1, min_keep=[1, 1, 9]), "more than the 8 experts of layer 2"),
+    (MODEL_WIDE, dict(n=1, min_keep=9), "use min_keep <= 8"),
+    (BOTTOM, dict(n=1, normalize="mean"), "only applies to the model-wide selector"),
+    (STRIDED, dict(n=1, normalize="max"), "only applies to the model-wide selector"),
+    (BOTTOM, dict(n=1, normalize="zscore"), "unknown normalize"),
 ]
 
 
@@ -261,6 +267,38 @@ def test_impossible_requests_fail_with_one_line(selector, options, message):
         selector.select(scores, **options)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+# MoE layer positions 0, 1, 2 are decoder layers 1, 3, 5 (dense layers in between): every
+# message names the decoder layer, as the user gave it, never the position.
+LAYER_MESSAGES = [
+    (BOTTOM, dict(n=4, protect={0: [0, 1, 2, 3, 4, 5, 6]}), "layer 1 can lose at most 1"),
+    (BOTTOM, dict(n=1, target={2: [9]}), "do not exist in layer 5"),
+    (BOTTOM, dict(n=8), "in layer 1, fewer than min_keep"),
+    (BOTTOM, dict(n=1, target={1: [0, 1]}), "layer 3 has 2 targeted"),
+    (STRIDED, dict(n=1, protect={2: [1]}, target={2: [1]}), "of layer 5 are both"),
+    (BOTTOM, dict(n=1, min_keep=[1, 1, 9]), "experts of layer 5"),
+    (BOTTOM, dict(n=1, top_k=[1, 2, 1], min_keep=1), "(layer 3)"),
+    (BOTTOM, dict(n=1, num_experts=[8, 9, 8]), "layer 3 has 9 experts"),
+    (BOTTOM, dict(n=2, groups=3), "layer 1 has 8 experts, not divisible"),
+    (MODEL_WIDE, dict(n=3, min_keep=7, target={1: [1, 2]}), "layer 3 has 2 targeted"),
+]
+
+
+@pytest.mark.parametrize("selector,options,message", LAYER_MESSAGES)
+def test_messages_name_decoder_layers(selector, options, message):
+    scores = np.random.default_rng(3).random((3, 8))
+    with pytest.raises(MlxfunError) as info:
+        selector.select(scores, layer_indices=[1, 3, 5], **options)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_nan_scores_name_decoder_layers():
+    scores = np.ones((2, 4))
+    scores[1, 2] = np.nan
+    with pytest.raises(MlxfunError, match=r"NaN \(layers \[7\]\)"):
+        BOTTOM.select(scores, n=1, layer_indices=[2, 7])
 
 
 def test_nan_scores_are_refused():

@@ -18,7 +18,11 @@ removed expert ids, and each layer's expert count before removal. Options (keywo
 - ``groups`` (default 1): for group-limited routers (``n_group`` contiguous groups of experts),
   every layer removes the same number of experts from each group, so the groups keep their
   meaning; each group then behaves as a small layer of its own (its own removal order, below).
-- ``normalize`` (``model-wide`` only): ``none`` (default), ``mean`` or ``max``.
+- ``normalize`` (``model-wide`` only): ``none`` (default), ``mean`` or ``max``; the per-layer
+  selectors refuse any other value than ``none``.
+- ``layer_indices`` (default: the positions 0, 1, ...): the decoder layer index of each MoE
+  layer position, used only to name layers in messages (``prune`` passes the model's, so that
+  errors speak of the layers the user named).
 
 Removal order of a layer (or of each group): its targeted experts first, then the other
 unprotected experts by ascending score, ties by ascending expert id; protected experts never.
@@ -61,6 +65,7 @@ class _Layer:
     """One layer's constraints and its per-group removal orders."""
 
     position: int
+    index: int  # decoder layer index, for messages
     num_experts: int
     top_k: int
     min_keep: int
@@ -105,7 +110,7 @@ class _Layer:
         return min(by_protect, by_keep)
 
     def describe(self) -> str:
-        return f"layer {self.position}"
+        return f"layer {self.index}"
 
 
 def _per_layer(value, num_layers: int, what: str) -> list:
@@ -128,21 +133,41 @@ def _expert_map(value, what: str) -> dict[int, set]:
     return result
 
 
-def _prepare(scores, options) -> tuple[np.ndarray, list[_Layer], int]:
+def _check_normalize(options, selector: str | None) -> None:
+    """``normalize`` is one of ``NORMALIZE``; only ``model-wide`` (``selector=None``) uses a
+    value other than ``none``."""
+    mode = options.get("normalize") or "none"
+    if mode not in NORMALIZE:
+        raise MlxfunError(f"unknown normalize {mode!r}; use one of {', '.join(NORMALIZE)}")
+    if selector is not None and mode != "none":
+        raise MlxfunError(
+            f"normalize {mode!r} only applies to the model-wide selector ({selector} compares "
+            "experts within each layer); drop it or use the model-wide selector"
+        )
+
+
+def _prepare(scores, options, selector: str | None = None) -> tuple[np.ndarray, list[_Layer], int]:
+    """Check the options and build the layers. ``selector``: the name of a per-layer selector
+    (which refuses ``normalize``), ``None`` for ``model-wide``."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2 or scores.shape[0] == 0 or scores.shape[1] == 0:
         raise MlxfunError(
             f"scores must be a (MoE layers, experts) array, got shape {tuple(scores.shape)}"
         )
-    if np.isnan(scores).any():
-        layers = sorted({int(i) for i in np.argwhere(np.isnan(scores))[:, 0]})
-        raise MlxfunError(f"the scores contain NaN (layer positions {layers}); collect again")
     num_layers, width = scores.shape
+    indices = options.get("layer_indices")
+    indices = list(range(num_layers)) if indices is None else [int(i) for i in indices]
+    if len(indices) != num_layers:
+        raise MlxfunError(f"layer_indices has {len(indices)} values for {num_layers} MoE layers")
+    _check_normalize(options, selector)
+    if np.isnan(scores).any():
+        layers = sorted({indices[int(i)] for i in np.argwhere(np.isnan(scores))[:, 0]})
+        raise MlxfunError(f"the scores contain NaN (layers {layers}); collect again")
     num_experts = _per_layer(options.get("num_experts") or width, num_layers, "num_experts")
     for position, count in enumerate(num_experts):
         if not 1 <= count <= width:
             raise MlxfunError(
-                f"layer {position} has {count} experts but the scores have {width} columns"
+                f"layer {indices[position]} has {count} experts but the scores have {width} columns"
             )
     top_k = _per_layer(options.get("top_k") or 1, num_layers, "top_k")
     min_keep_option = options.get("min_keep")
@@ -165,31 +190,37 @@ def _prepare(scores, options) -> tuple[np.ndarray, list[_Layer], int]:
             bad = sorted(e for e in experts if not 0 <= e < num_experts[layer])
             if bad:
                 raise MlxfunError(
-                    f"{what} experts {bad} do not exist in layer {layer} (experts "
+                    f"{what} experts {bad} do not exist in layer {indices[layer]} (experts "
                     f"0..{num_experts[layer] - 1})"
                 )
     layers = []
     for position in range(num_layers):
-        k, keep = top_k[position], min_keep[position]
+        k, keep, index = top_k[position], min_keep[position], indices[position]
         if k < 1:
-            raise MlxfunError(f"top_k must be at least 1, got {k} for layer {position}")
+            raise MlxfunError(f"top_k must be at least 1, got {k} for layer {index}")
         if keep < k:
             raise MlxfunError(
-                f"min_keep {keep} is below top-k {k} (layer {position}): a layer must keep at "
+                f"min_keep {keep} is below top-k {k} (layer {index}): a layer must keep at "
                 f"least top-k experts; use min_keep >= {k}"
+            )
+        if keep > num_experts[position]:
+            raise MlxfunError(
+                f"min_keep {keep} is more than the {num_experts[position]} experts of layer "
+                f"{index}; use min_keep <= {num_experts[position]}"
             )
         if num_experts[position] % groups:
             raise MlxfunError(
-                f"layer {position} has {num_experts[position]} experts, not divisible into "
+                f"layer {index} has {num_experts[position]} experts, not divisible into "
                 f"{groups} groups"
             )
         both = protect.get(position, set()) & target.get(position, set())
         if both:
             raise MlxfunError(
-                f"experts {sorted(both)} of layer {position} are both protected and targeted"
+                f"experts {sorted(both)} of layer {index} are both protected and targeted"
             )
         layer = _Layer(
             position=position,
+            index=index,
             num_experts=num_experts[position],
             top_k=k,
             min_keep=keep,
@@ -284,7 +315,7 @@ class BottomSelector:
     description: str = "per layer, remove the n lowest-scoring experts (REAP's pruning)"
 
     def select(self, scores, **options) -> Selection:
-        _, layers, groups = _prepare(scores, options)
+        _, layers, groups = _prepare(scores, options, self.name)
         counts = _per_layer_counts(options, layers, groups)
         removed = {}
         for layer, n in zip(layers, counts):
@@ -302,7 +333,7 @@ class StridedSelector:
     )
 
     def select(self, scores, **options) -> Selection:
-        _, layers, groups = _prepare(scores, options)
+        _, layers, groups = _prepare(scores, options, self.name)
         counts = _per_layer_counts(options, layers, groups)
         removed = {}
         for layer, n in zip(layers, counts):
