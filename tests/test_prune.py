@@ -475,6 +475,7 @@ def test_existing_output_needs_force_and_input_is_never_the_output(qwen, tmp_pat
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
+    (out / "config.json").write_text("{}")  # --force replaces only a previous model output
     assert run_cli("--model", source, "--stats", stats, "--n", 2, "-o", out) == 1
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").exists()
     assert run_cli("--model", source, "--stats", stats, "--n", 2, "-o", out, "--force") == 0

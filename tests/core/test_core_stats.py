@@ -163,7 +163,7 @@ def test_bad_files_get_one_line_errors(tmp_path):
     with pytest.raises(MlxfunError, match="does not exist; create it with `mlxfun collect`"):
         load_stats(tmp_path / "missing.npz")
     (tmp_path / "junk.npz").write_text("not a zip")
-    with pytest.raises(MlxfunError, match="is not a readable mlxfun stats file"):
+    with pytest.raises(MlxfunError, match="is not an mlxfun stats file"):
         load_stats(tmp_path / "junk.npz")
     np.savez(
         tmp_path / "old.npz",

@@ -34,11 +34,18 @@ def register(app: typer.Typer) -> None:
         from mlxfun.core import plugins
         from mlxfun.core.collect import collect_stats, layer_summary, with_seed
         from mlxfun.core.errors import MlxfunError
-        from mlxfun.core.io import load_model, load_samples, read_config, tokenize_samples
+        from mlxfun.core.io import (
+            check_output_file,
+            load_model,
+            load_samples,
+            read_config,
+            tokenize_samples,
+        )
         from mlxfun.core.stats import model_fingerprint, save_stats
 
         if max_tokens <= 0 or batch_size <= 0:
             raise MlxfunError("--max-tokens and --batch-size must be positive")
+        check_output_file(output)
         config = read_config(model)
         adapter = plugins.adapter_for_config(config)
         names = (

@@ -1,7 +1,5 @@
 """What a model is made of: MoE layers, experts, and where its parameters and bytes are."""
 
-from pathlib import Path
-
 from .io import read_config
 
 
@@ -72,13 +70,12 @@ def _quantized_bits(model) -> dict[str, int]:
 
 
 def describe_model(model_dir) -> dict:
-    from mlx_lm.utils import load_model
-
     from . import plugins
+    from .io import load_mlx_model
 
     config = read_config(model_dir)
     adapter = plugins.adapter_for_config(config)
-    model, config = load_model(Path(model_dir), lazy=True, trust_remote_code=True)
+    model, config = load_mlx_model(model_dir, lazy=True)
     layers = adapter.moe_layers(model)
     num_layers = config.get("num_hidden_layers") or config.get("text_config", {}).get(
         "num_hidden_layers"

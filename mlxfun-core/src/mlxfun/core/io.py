@@ -1,8 +1,10 @@
 """Model and dataset I/O: loading with mlx-lm, calibration text, atomic output directories."""
 
+import glob
 import json
 import os
 import random
+import re
 import shutil
 import sys
 from contextlib import contextmanager
@@ -34,6 +36,8 @@ def read_config(model_dir) -> dict:
         raise MlxfunError(
             f"{path} is not valid JSON ({exc}); fix or re-download the model"
         ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MlxfunError(f"cannot read {path}: {exc}") from None
 
 
 def _needs_float32(model) -> bool:
@@ -75,19 +79,79 @@ def to_runnable_dtype(model) -> bool:
     return True
 
 
-def load_model(model_dir, trust_remote_code: bool = True):
+def model_classes(model_dir, config: dict):
+    """``(Model, ModelArgs)`` for a config with a ``model_file``, or ``None`` without one.
+
+    mlxfun never runs a model directory's own Python: the only ``model_file`` it accepts is
+    its own non-uniform one (``nonuniform.is_nonuniform``), and that is built from mlxfun's
+    template (``nonuniform.load_module``), not from the file on disk. Any other ``model_file``
+    is refused.
+    """
+    model_file = config.get("model_file")
+    if model_file is None:
+        return None
+    from . import nonuniform
+
+    if not nonuniform.is_nonuniform(config):
+        raise MlxfunError(
+            f"{model_dir} builds its architecture from its own Python file model_file="
+            f"{model_file!r}; mlxfun never runs a model directory's code and only knows the "
+            f"{nonuniform.MODEL_FILE} it writes: use a model that stock mlx-lm builds"
+        )
+    module = nonuniform.load_module(config)
+    return module.Model, module.ModelArgs
+
+
+def load_mlx_model(model_dir, lazy: bool = False):
+    """``(model, config)`` as ``mlx_lm.utils.load_model`` builds them, never running a
+    ``model_file`` from disk (see ``model_classes``); mlx-lm's refusals and missing files
+    become one-line errors."""
+    from mlx_lm.utils import load_model as mlx_load_model
+
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    classes = model_classes(model_dir, config)
+    options = {}
+    if classes is not None:
+        # mlx-lm imports config["model_file"] whenever it is set: hide it so that it asks
+        # get_model_classes, which answers with mlxfun's own template.
+        options = {
+            "model_config": {"model_file": None},
+            "get_model_classes": lambda config: classes,
+        }
+    try:
+        return mlx_load_model(model_dir, lazy=lazy, **options)
+    except OSError as exc:
+        if not any(model_dir.glob("model*.safetensors")):
+            raise MlxfunError(
+                f"{model_dir} has no model*.safetensors weights; pass a complete mlx-lm model "
+                "directory (weights next to config.json)"
+            ) from None
+        raise MlxfunError(f"cannot read {model_dir}: {exc}") from None
+    except ValueError as exc:
+        raise MlxfunError(f"mlx-lm cannot load {model_dir}: {exc}") from None
+
+
+def load_model(model_dir):
     """Load an mlx-lm model directory: ``(model, tokenizer, config)``.
 
     mlxfun's own non-uniform outputs carry a ``model_file`` (see ``nonuniform``); they are
-    trusted here because mlxfun wrote them.
+    built from mlxfun's template, never from the file; any other ``model_file`` is refused.
     """
     config = read_config(model_dir)
-    from mlx_lm.utils import load
+    from mlx_lm.utils import load_tokenizer
 
+    model, loaded_config = load_mlx_model(model_dir)
     try:
-        model, tokenizer = load(str(model_dir), trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        raise MlxfunError(f"mlx-lm cannot load {model_dir}: {exc}") from None
+        tokenizer = load_tokenizer(
+            Path(model_dir), eos_token_ids=loaded_config.get("eos_token_id", None)
+        )
+    except (OSError, ValueError) as exc:
+        raise MlxfunError(
+            f"cannot load the tokenizer of {model_dir} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); copy the tokenizer files "
+            "(tokenizer.json, tokenizer_config.json) next to config.json"
+        ) from None
     to_runnable_dtype(model)
     return model, tokenizer, config
 
@@ -206,30 +270,156 @@ def batches(sequences, batch_size: int, pad_id: int = 0):
         yield tokens, mask
 
 
-@contextmanager
-def atomic_output_dir(output, force: bool = False):
-    """Yield a temporary directory next to ``output``; move it into place only on success.
+MODEL_OUTPUT_MARKERS = ("config.json", "mlxfun.json")
+_STALE = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:\.npz|\.probe)?")
 
-    An interrupted run leaves only a ``.<name>.tmp-<pid>`` directory, never something that
-    looks like a finished model.
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
+
+
+def remove_stale_siblings(output) -> list[Path]:
+    """Remove what killed runs left next to ``output``: ``.<name>.tmp-<pid>`` (and
+    ``.<name>.old-<pid>``, ``.<name>.tmp-<pid>.npz``) whose process is no longer running.
+    A run still going (its pid alive) is left alone, and so is an ``.old`` directory while
+    ``output`` is missing (a run killed between its two renames). Returns what was removed."""
+    output = Path(output)
+    removed = []
+    try:
+        siblings = list(output.parent.glob(f".{glob.escape(output.name)}.*-*"))
+    except OSError:
+        return removed
+    for path in siblings:
+        match = _STALE.fullmatch(path.name)
+        if not match or match["name"] != output.name or _pid_alive(int(match["pid"])):
+            continue
+        if ".old-" in path.name and not (output.exists() or output.is_symlink()):
+            continue  # killed while replacing: this is the only copy of the previous output
+        try:
+            _remove(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def check_output(output, force: bool = False, inputs=()) -> Path:
+    """Refuse (one line) an ``--output`` that would destroy an input or something that is not
+    a previous model output:
+
+    - an input (model, stats, dataset) may not be the output, lie inside it or contain it;
+    - an existing output is replaced only with ``force``, and only if it is a directory that
+      looks like a model output (has ``config.json`` or ``mlxfun.json``).
     """
     output = Path(output)
-    if output.exists() and not force:
-        raise MlxfunError(f"{output} already exists; choose another --output or pass --force")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    where = output.resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(item).resolve()
+        if _inside(source, where):
+            what = "is" if source == where else "contains"
+            raise MlxfunError(
+                f"--output {output} {what} the input {item}; mlxfun never modifies its inputs "
+                "(nor deletes them with --force): choose an --output outside them"
+            )
+        if _inside(where, source):
+            raise MlxfunError(
+                f"--output {output} is inside the input {item}; mlxfun never modifies its "
+                "inputs: choose an --output outside them"
+            )
+    if output.exists() or output.is_symlink():
+        if not force:
+            raise MlxfunError(f"{output} already exists; choose another --output or pass --force")
+        if output.is_symlink() or not output.is_dir():
+            raise MlxfunError(
+                f"{output} exists and is not a model directory; --force only replaces a "
+                "previous model output: remove it yourself or choose another --output"
+            )
+        if not any((output / name).is_file() for name in MODEL_OUTPUT_MARKERS):
+            raise MlxfunError(
+                f"{output} exists and does not look like a model output (no config.json or "
+                "mlxfun.json); --force only replaces a previous model output: remove it "
+                "yourself or choose another --output"
+            )
+    return output
+
+
+def check_output_file(path, what: str = "--output") -> Path:
+    """Refuse (one line) an output file that cannot be written, before hours of work: a
+    directory, or a folder where no file can be created (probed with a temporary file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise MlxfunError(f"{what} {path} is a directory; pass a file name")
+    probe = path.parent / f".{path.name}.tmp-{os.getpid()}.probe"
     try:
-        yield tmp
-        if output.exists():
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise MlxfunError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    return path
+
+
+@contextmanager
+def atomic_output_dir(output, force: bool = False, inputs=()):
+    """Yield a temporary directory next to ``output``; move it into place only on success.
+
+    ``check_output`` runs first (``inputs``: the paths the run reads, which must survive).
+    An interrupted run leaves only a ``.<name>.tmp-<pid>`` directory, never something that
+    looks like a finished model; later runs writing the same output remove such leftovers
+    whose process is gone (``remove_stale_siblings``).
+    """
+    output = check_output(output, force, inputs)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_siblings(output)
+        tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+        if tmp.exists() or tmp.is_symlink():
+            _remove(tmp)
+        tmp.mkdir()
+    except OSError as exc:
+        raise MlxfunError(f"cannot write --output {output}: {exc}") from None
+    try:
+        try:
+            yield tmp
+        except OSError as exc:
+            raise MlxfunError(f"{output} was not written: {exc}") from None
+        try:
+            if output.exists() or output.is_symlink():
+                check_output(output, force, inputs)  # it may have appeared meanwhile
+                old = output.parent / f".{output.name}.old-{os.getpid()}"
+                os.replace(output, old)
+                os.replace(tmp, output)
+            else:
+                old = None
+                os.replace(tmp, output)
+        except OSError as exc:
+            raise MlxfunError(f"cannot write --output {output}: {exc}") from None
+        if old is not None:
+            try:
+                _remove(old)
+            except OSError:
+                pass  # a later run removes it (remove_stale_siblings)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -19,8 +19,10 @@ config with the expert-count keys set to that count and moves its decoder layers
 parameters are created lazily and never evaluated before the weights replace them.
 
 Stock mlx-lm loads such a directory only with ``trust_remote_code=True``
-(``mlx_lm.load(path, trust_remote_code=True)``, ``mlx_lm.generate --trust-remote-code``);
-``mlxfun.core.io.load_model`` passes it. The file imports nothing but mlx-lm.
+(``mlx_lm.load(path, trust_remote_code=True)``, ``mlx_lm.generate --trust-remote-code``). The
+file imports nothing but mlx-lm. mlxfun itself never runs the file on disk: it builds the model
+from this template (``load_module``; ``mlxfun.core.io.load_model``, ``slicing.model_skeleton``)
+and refuses any other ``model_file``.
 """
 
 import copy
@@ -102,7 +104,7 @@ def is_nonuniform(config: dict) -> bool:
     return (
         config.get("model_file") == MODEL_FILE
         and isinstance(config.get("mlxfun"), dict)
-        and "nonuniform" in config["mlxfun"]
+        and isinstance(config["mlxfun"].get("nonuniform"), dict)
     )
 
 
@@ -197,9 +199,18 @@ def nonuniform_config(config: dict, keys: list[str], layers: list[dict]) -> tupl
 
 def load_module(config: dict):
     """The model file's module, from mlxfun's own template (never a file from disk)."""
+    import re
     import types
 
-    base = config["mlxfun"]["nonuniform"]["base_module"]
+    base = config["mlxfun"]["nonuniform"].get("base_module")
+    # The name is pasted into the template's source and imported: only mlx-lm's own modules.
+    if not isinstance(base, str) or not re.fullmatch(
+        r"mlx_lm\.models\.[A-Za-z_][A-Za-z0-9_]*", base
+    ):
+        raise MlxfunError(
+            f"config.json mlxfun.nonuniform.base_module is {base!r}, not an mlx-lm model module "
+            "(mlx_lm.models.NAME); the config was not written by mlxfun: restore it"
+        )
     module = types.ModuleType("mlxfun_nonuniform_model")
     exec(compile(model_file_source(base), MODEL_FILE, "exec"), module.__dict__)
     return module

@@ -174,28 +174,48 @@ def save_stats(path, scores, accumulators, token_counts, metadata) -> None:
     meta = {"format_version": FORMAT_VERSION, "mlxfun_version": __version__, **metadata}
     meta["scorers"] = sorted(scores)
     arrays["metadata"] = np.array(json.dumps(meta, sort_keys=True))
+    from .io import remove_stale_siblings
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise MlxfunError(f"{path} is a directory; pass a file name for the stats (.npz)")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_siblings(path)
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise MlxfunError(f"cannot write the stats file {path}: {exc.strerror or exc}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def load_stats(path) -> Stats:
     path = Path(path)
     if not path.is_file():
         raise MlxfunError(f"stats file {path} does not exist; create it with `mlxfun collect`")
+    not_stats = f"{path} is not an mlxfun stats file (.npz from mlxfun collect)"
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-    except Exception as exc:
-        raise MlxfunError(f"{path} is not a readable mlxfun stats file ({exc})") from None
-    if "metadata" not in arrays:
-        raise MlxfunError(f"{path} has no metadata; is it an mlxfun stats file?")
-    metadata = json.loads(str(arrays.pop("metadata")))
+    except OSError as exc:
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise MlxfunError(f"cannot read the stats file {path}: {exc}") from None
+        raise MlxfunError(not_stats) from None
+    except Exception:
+        raise MlxfunError(not_stats) from None
+    if not isinstance(arrays, dict) or "metadata" not in arrays:
+        raise MlxfunError(not_stats)
+    try:
+        metadata = json.loads(str(arrays.pop("metadata")))
+    except json.JSONDecodeError:
+        raise MlxfunError(not_stats) from None
+    if not isinstance(metadata, dict):
+        raise MlxfunError(not_stats)
     if metadata.get("format_version") != FORMAT_VERSION:
         raise MlxfunError(
             f"{path} has stats format {metadata.get('format_version')}; this mlxfun reads "

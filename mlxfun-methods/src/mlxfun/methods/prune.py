@@ -276,7 +276,7 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
     """Check the request and compute the keep map, the new config and the provenance, writing
     nothing (shared by ``prune`` and the ``ream`` merge)."""
     from mlxfun.core import nonuniform, plugins, slicing
-    from mlxfun.core.io import read_config
+    from mlxfun.core.io import check_output, read_config
     from mlxfun.core.stats import check_fingerprint, load_stats, model_fingerprint
 
     from .selectors import removal_report
@@ -290,12 +290,7 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
     if not request.dry_run:
         if request.output is None:
             raise MlxfunError("pass --output (or --dry-run)")
-        if request.output.resolve() == source.resolve():
-            raise MlxfunError("--output is the input model; mlxfun never modifies its input")
-        if request.output.exists() and not request.force:
-            raise MlxfunError(
-                f"{request.output} already exists; choose another --output or pass --force"
-            )
+        check_output(request.output, request.force, inputs=(source, request.stats))
     selector = plugins.get_selector(request.selector)
     stats = load_stats(request.stats)
     scores = stats.score(request.scorer)
@@ -340,6 +335,7 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
         "target": _to_positions(request.target, layer_indices, "--target"),
         "groups": groups,
         "normalize": request.normalize,
+        "layer_indices": layer_indices,
     }
     if request.n is not None:
         options["n"] = request.n
@@ -478,7 +474,8 @@ def prune(request: PruneRequest) -> dict:
     plan = plan_prune(request)
     if request.dry_run:
         return plan.summary
-    with atomic_output_dir(request.output, force=request.force) as tmp:
+    inputs = (request.model, request.stats)
+    with atomic_output_dir(request.output, force=request.force, inputs=inputs) as tmp:
         written = write_pruned(plan, tmp)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(plan.provenance, indent=2) + "\n")
     return finish_summary(plan.summary, written)
