@@ -1,0 +1,65 @@
+"""Start-up hygiene: ``mlxfun --help`` and ``mlxfun plugins`` never import MLX, and ``--help``
+and the plugin machinery (core types, hook specs, the built-in packages' ``plugin`` modules, the
+adapters) never import numpy either (numpy alone costs ~0.1-0.2 s of every start)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("mlx", "mlx.core", "mlx_lm", "numpy", "scipy", "transformers")
+
+
+def imported_after(code: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter; which heavy modules are then in ``sys.modules``."""
+    snippet = (
+        "import contextlib, io, json, sys\n"
+        f"{code}\n"
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXFUN_")}
+    result = subprocess.run(
+        [sys.executable, "-c", snippet], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def cli(argv) -> str:
+    return (
+        "from mlxfun.cli.app import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    code = main({argv!r})\n"
+        "assert code in (0, None), code\n"
+    )
+
+
+def test_help_imports_neither_mlx_nor_numpy():
+    assert imported_after(cli(["--help"])) == []
+
+
+def test_plugins_does_not_import_mlx():
+    heavy = imported_after(cli(["plugins"]))
+    assert not [m for m in heavy if m.startswith("mlx")], heavy
+
+
+def test_plugin_machinery_does_not_import_numpy():
+    code = (
+        "import mlxfun.core, mlxfun.core.types, mlxfun.core.hookspecs, mlxfun.core.plugins\n"
+        "import mlxfun.adapters.plugin, mlxfun.adapters.catalog, mlxfun.methods.plugin\n"
+    )
+    assert imported_after(code) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "mlxfun.methods.scorers/selectors/prune/ream (and the example plugin's scorer) import "
+        "numpy at module level, and `mlxfun plugins` imports them to read names and "
+        "descriptions; deferring it there is not done yet"
+    ),
+)
+def test_plugins_does_not_import_numpy():
+    assert "numpy" not in imported_after(cli(["plugins"]))
