@@ -1,6 +1,7 @@
 """Start-up hygiene: ``mlxfun --help`` and ``mlxfun plugins`` never import MLX, and ``--help``
 and the plugin machinery (core types, hook specs, the built-in packages' ``plugin`` modules, the
-adapters) never import numpy either (numpy alone costs ~0.1-0.2 s of every start)."""
+adapters) never import numpy either (numpy alone costs ~0.1-0.2 s of every start). ``mlxfun
+prune`` never imports mlx-lm's loaders and so transformers (~3 s)."""
 
 import json
 import os
@@ -63,3 +64,27 @@ def test_plugin_machinery_does_not_import_numpy():
 )
 def test_plugins_does_not_import_numpy():
     assert "numpy" not in imported_after(cli(["plugins"]))
+
+
+@pytest.mark.parametrize("selector", ["bottom", "model-wide"])
+def test_prune_does_not_import_transformers(tmp_path, selector):
+    from .adapters.test_examples import QWEN3_MOE
+    from .model_dirs import write_model_dir
+    from .test_prune import write_stats
+
+    model = write_model_dir(tmp_path / "m", "qwen3_moe", QWEN3_MOE)
+    stats = write_stats(model, tmp_path / "s.npz")
+    out = tmp_path / "out"
+    # model-wide removes 3 experts of 2 layers' experts: the counts differ (non-uniform output)
+    argv = ["prune", "--model", str(model), "--stats", str(stats), "--n", "3", "-o", str(out)]
+    heavy = imported_after(cli([*argv, "--selector", selector]))
+    assert "transformers" not in heavy and "mlx_lm" not in heavy, heavy
+    assert (out / "config.json").is_file()
+    assert ("model_file" in json.loads((out / "config.json").read_text())) == (
+        selector == "model-wide"
+    )
+    # the (non-uniform) output is itself pruned without transformers
+    stats = write_stats(out, tmp_path / "s2.npz")
+    argv = ["prune", "--model", str(out), "--stats", str(stats), "--n", "1", "--dry-run"]
+    heavy = imported_after(cli(argv))
+    assert "transformers" not in heavy and "mlx_lm" not in heavy, heavy

@@ -138,28 +138,15 @@ def present_keys(config: dict, keys) -> list[str]:
 
 def base_module(config: dict) -> str:
     """The mlx-lm module that builds this config (after mlx-lm's model-type remappings)."""
-    import importlib
+    from . import mlxlm_models
 
-    from mlx_lm import utils
-
-    model_type = config["model_type"]
-    architectures = config.get("architectures") or ()
-    if isinstance(architectures, str):
-        architectures = (architectures,)
-    for architecture in architectures:
-        remapped = utils.MODEL_ARCHITECTURE_REMAPPING.get((model_type, architecture))
-        if remapped is not None:
-            model_type = remapped
-            break
-    else:
-        model_type = utils.MODEL_REMAPPING.get(model_type, model_type)
-    name = f"mlx_lm.models.{model_type}"
+    name = mlxlm_models.module_name(config)
     # The module mlx-lm imports; it may take Model from another module (solar_open: glm4_moe).
     plain = {k: v for k, v in config.items() if k not in ("model_file", "mlxfun")}
-    module = importlib.import_module(name)
-    if (module.Model, module.ModelArgs) != tuple(utils._get_classes(plain)):
+    module = mlxlm_models.model_module(name)
+    if (module.Model, module.ModelArgs) != mlxlm_models.model_classes(plain):
         raise MlxfunError(f"cannot tell which mlx-lm module builds {config['model_type']!r}")
-    return name
+    return f"mlx_lm.models.{name}"
 
 
 def model_file_source(base: str) -> str:
@@ -211,6 +198,10 @@ def load_module(config: dict):
             f"config.json mlxfun.nonuniform.base_module is {base!r}, not an mlx-lm model module "
             "(mlx_lm.models.NAME); the config was not written by mlxfun: restore it"
         )
+    from . import mlxlm_models
+
+    # imported here first, so that the template's own import of it does not start all of mlx-lm
+    mlxlm_models.model_module(base.rpartition(".")[2])
     module = types.ModuleType("mlxfun_nonuniform_model")
     exec(compile(model_file_source(base), MODEL_FILE, "exec"), module.__dict__)
     return module

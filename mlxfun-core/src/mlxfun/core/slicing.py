@@ -375,12 +375,11 @@ def size_after(headers: dict[str, dict], owner: dict[str, LayerPlan], keep) -> t
 def model_skeleton(model_dir, config: dict | None = None):
     """The model's module tree built from its config.json, parameters never evaluated
     (so nothing is loaded or allocated); mlxfun's non-uniform models are rebuilt from their
-    recorded per-layer expert counts. Returns ``(model, config)``."""
-    from mlx_lm.utils import _get_classes, load_config
+    recorded per-layer expert counts. Returns ``(model, config)``. Imports only mlx-lm's model
+    modules, never its loaders (and transformers): see ``mlxlm_models``."""
+    from . import mlxlm_models, nonuniform
 
-    from . import nonuniform
-
-    config = load_config(Path(model_dir)) if config is None else config
+    config = mlxlm_models.load_config(model_dir) if config is None else config
     if config.get("model_file") is not None:
         if not nonuniform.is_nonuniform(config):
             raise MlxfunError(
@@ -389,7 +388,7 @@ def model_skeleton(model_dir, config: dict | None = None):
             )
         return nonuniform.build_model(config), config
     try:
-        model_class, args_class = _get_classes(config)
+        model_class, args_class = mlxlm_models.model_classes(config)
         model = model_class(args_class.from_dict(config))
     except Exception as exc:
         raise MlxfunError(

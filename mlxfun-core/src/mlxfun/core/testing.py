@@ -511,12 +511,12 @@ def build_tiny_model(model_type: str, args: dict, seed: int = 0, module: str | N
     mlx-lm initialises to a constant (zero routers or correction biases) are re-drawn so the
     routing really depends on the input.
     """
-    import importlib
-
     import mlx.core as mx
     from mlx.utils import tree_map_with_path
 
-    models = importlib.import_module(f"mlx_lm.models.{module or model_type}")
+    from .mlxlm_models import model_module
+
+    models = model_module(module or model_type)
     mx.random.seed(seed)
     model = models.Model(models.ModelArgs.from_dict({"model_type": model_type, **args}))
     rng = np.random.default_rng(seed)
