@@ -271,7 +271,7 @@ def main():
     save_config(args, model_dir / "config.json")
     report = {
         "command": "python scripts/train_demo_model.py "
-        + " ".join(f"--{k} {v}" for k, v in vars(opts).items()),
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(opts).items()),
         "parameters": int(n_params),
         "train_tokens": opts.steps * opts.batch * opts.seq,
         "wall_seconds": round(wall, 1),
