@@ -57,8 +57,11 @@ def test_an_adapter_with_the_wrong_routing_is_caught(model):
         observer.observations()
 
 
-def test_bf16_experts_run_in_float32_on_cpu(tmp_path, capsys):
+def test_bf16_experts_run_in_float32_on_cpu(tmp_path, capsys, monkeypatch):
     import mlx.nn as nn
+    from mlxfun.core import io
+
+    monkeypatch.setattr(io, "_said_float32", False)  # said once per process: say it here
 
     path = write_model_dir(tmp_path / "bf16", "qwen3_moe", QWEN3_MOE)
     reference, _, _ = load_model(path)
