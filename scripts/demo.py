@@ -5,7 +5,8 @@
 the held-out code and prose evaluation sets, 5. smoke-test generation, 6. print a summary.
 Every step is an ordinary `mlxfun` command, printed before it runs, so it can be copied.
 
-    python scripts/demo.py [--ratio 0.25] [--scorer reap] [--selector bottom] [--out out/demo]
+    python scripts/demo.py [--ratio 0.25] [--scorer reap] [--selector bottom] [--tokens 256]
+                           [--out out/demo]
 """
 
 import argparse
@@ -48,6 +49,9 @@ def main() -> None:
     parser.add_argument("--scorer", default="reap")
     parser.add_argument("--selector", default="bottom", help="bottom, strided or model-wide")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo")
+    parser.add_argument(
+        "--tokens", default="256", help="tokens of each calibration and evaluation sample"
+    )
     opts = parser.parse_args()
     opts.out.mkdir(parents=True, exist_ok=True)
     stats = opts.out / "stats.npz"
@@ -64,7 +68,10 @@ def main() -> None:
 
     step("2/5  Routing statistics on the calibration set (code + prose, held out from training)")
     calib = DATA / "calib_mixed.jsonl"
-    mlxfun("collect", "--model", MODEL, "--dataset", calib, "--output", stats, "--seed", "0")
+    mlxfun(
+        "collect", "--model", MODEL, "--dataset", calib, "--output", stats,
+        "--max-tokens", opts.tokens, "--seed", "0",
+    )  # fmt: skip
 
     step(f"3/5  Remove {float(opts.ratio):.0%} of the experts by {opts.scorer} ({opts.selector})")
     mlxfun(
@@ -84,7 +91,7 @@ def main() -> None:
         dataset = DATA / f"eval_{domain}.jsonl"
         out = mlxfun(
             "eval", "--model", MODEL, "--model", pruned, "--dataset", dataset,
-            "--max-tokens", "512", "--json", capture=True,
+            "--max-tokens", opts.tokens, "--json", capture=True,
         )  # fmt: skip
         results[domain] = json.loads(out)
 
