@@ -37,8 +37,8 @@ def mlxfun(*args: str, capture: bool = False) -> str:
     return result.stdout or ""
 
 
-def size_mb(model_dir: Path) -> float:
-    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 1e6
+def size_mib(model_dir: Path) -> float:
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
 
 
 def main() -> None:
@@ -109,7 +109,7 @@ def main() -> None:
     print(f"\n=== Summary ({time.perf_counter() - started:.0f} s)")
     print(
         f"{float(opts.ratio):.0%} of the experts of every layer removed by {opts.scorer} "
-        f"({opts.selector}); weights {size_mb(MODEL):.1f} MB -> {size_mb(pruned):.1f} MB\n"
+        f"({opts.selector}); weights {size_mib(MODEL):.2f} MiB -> {size_mib(pruned):.2f} MiB\n"
     )
     header = (
         "domain",
