@@ -475,11 +475,11 @@ def test_existing_output_needs_force_and_input_is_never_the_output(qwen, tmp_pat
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    (out / "config.json").write_text("{}")  # --force replaces only a previous model output
+    (out / "mlxfun.json").write_text("{}")  # --force replaces only a previous model output
     assert run_cli("--model", source, "--stats", stats, "--n", 2, "-o", out) == 1
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").exists()
     assert run_cli("--model", source, "--stats", stats, "--n", 2, "-o", out, "--force") == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert not (out / "keep.txt").exists() and (out / "mlxfun.json").exists()
     assert run_cli("--model", source, "--stats", stats, "--n", 2, "-o", source, "--force") == 1
     assert "never modifies its input" in capsys.readouterr().err
 

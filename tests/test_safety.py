@@ -153,7 +153,7 @@ def test_force_refuses_an_output_that_contains_the_inputs(parent, capsys, monkey
 
 
 def test_stats_inside_the_output_is_refused_too(parent, tiny, capsys):
-    (parent / "config.json").write_text("{}")  # looks like a model output
+    (parent / "mlxfun.json").write_text("{}")  # looks like a model output
     before = tree(parent)
     assert prune_cli(tiny[0], parent / "stats.npz", parent, "--n", "2", "--force") == 1
     assert "contains the input" in one_error_line(capsys)
@@ -179,7 +179,7 @@ def test_force_replaces_only_a_previous_model_output(tiny, tmp_path, capsys, mon
     (work / "precious.txt").write_text("keep me")
     monkeypatch.chdir(work)
     assert prune_cli(model, stats, ".", "--n", "2", "--force") == 1
-    assert "does not look like a model output" in one_error_line(capsys)
+    assert "is not an mlxfun output" in one_error_line(capsys)
     assert (work / "precious.txt").read_text() == "keep me"
 
     a_file = tmp_path / "out.bin"
@@ -213,7 +213,7 @@ def test_merge_refuses_an_output_that_contains_its_dataset(parent, tiny, capsys)
 def test_atomic_output_dir_checks_every_input(tmp_path):
     out = tmp_path / "out"
     (out / "data").mkdir(parents=True)
-    (out / "config.json").write_text("{}")
+    (out / "mlxfun.json").write_text("{}")
     with pytest.raises(MlxfunError, match="contains the input"):
         with atomic_output_dir(out, force=True, inputs=(tmp_path / "elsewhere", out / "data")):
             pass
@@ -252,3 +252,47 @@ def test_later_runs_remove_stale_temporary_outputs(tiny, tmp_path):
     stale_stats.write_bytes(b"partial")
     write_stats(model, tmp_path / "s.npz")
     assert not stale_stats.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs named another way, output files, weak markers
+
+
+def test_an_input_reached_through_another_name_is_still_refused(parent, tmp_path, capsys):
+    """A link to the folder stands in for what case-insensitive file systems (APFS) and bind
+    mounts do: another string for the same folder. Identity, not spelling, decides."""
+    alias = tmp_path / "alias"
+    alias.symlink_to(parent)
+    (parent / "mlxfun.json").write_text("{}")
+    before = tree(parent)
+    assert prune_cli(parent / "tiny", parent / "stats.npz", alias, "--n", "2", "--force") == 1
+    assert "contains the input" in one_error_line(capsys)
+    assert tree(parent) == before
+
+
+def test_force_does_not_replace_a_directory_with_only_a_config(parent, tiny, capsys):
+    other = parent / "other-model"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    assert prune_cli(tiny[0], tiny[1], other, "--n", "2", "--force") == 1
+    assert "is not an mlxfun output (no mlxfun.json)" in one_error_line(capsys)
+    assert (other / "config.json").read_text() == "{}"
+
+
+def test_collect_and_stats_merge_never_overwrite_their_inputs(tiny, tmp_path, capsys):
+    data = tmp_path / "calib.jsonl"
+    data.write_text('{"text": "def f(x):\\n    return x + 1"}\n')
+    before = data.read_bytes()
+    collect = ["collect", "--model", str(tiny[0]), "--dataset", str(data), "--scorers", "reap"]
+    assert main([*collect, "--output", str(data)]) == 1
+    assert "is the input" in one_error_line(capsys)
+    weights = tiny[0] / "model.safetensors"
+    assert main([*collect, "--output", str(weights)]) == 1
+    assert "is inside the input" in one_error_line(capsys)
+    assert data.read_bytes() == before and weights.is_file()
+    stats = tmp_path / "a.npz"
+    shutil.copy2(tiny[1], stats)
+    kept = stats.read_bytes()
+    assert main(["stats", "merge", str(stats), str(tiny[1]), "-o", str(stats)]) == 1
+    assert "is the input" in one_error_line(capsys)
+    assert stats.read_bytes() == kept

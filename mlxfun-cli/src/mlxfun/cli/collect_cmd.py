@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
 
         if max_tokens <= 0 or batch_size <= 0:
             raise MlxfunError("--max-tokens and --batch-size must be positive")
-        check_output_file(output)
+        check_output_file(output, inputs=[model, *dataset])
         config = read_config(model)
         adapter = plugins.adapter_for_config(config)
         names = (

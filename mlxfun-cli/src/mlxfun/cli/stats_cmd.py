@@ -72,12 +72,14 @@ def register(app: typer.Typer) -> None:
         """Combine stats files of the same model (e.g. several domains)."""
         from mlxfun.core import plugins
         from mlxfun.core.errors import MlxfunError
+        from mlxfun.core.io import check_output_file
         from mlxfun.core.stats import MERGE_MODES, load_stats, merge_stats, save_stats
 
         if mode not in MERGE_MODES:
             raise MlxfunError(f"unknown --mode {mode!r}; use {', '.join(MERGE_MODES)}")
         if len(inputs) < 2:
             raise MlxfunError("give at least two stats files to merge")
+        check_output_file(output, inputs=inputs)
         loaded = [load_stats(p) for p in inputs]
         scorers = {name: info.obj for name, info in plugins.registry()["scorer"].items()}
         missing = {n for s in loaded for n in s.accumulators if n not in scorers}

@@ -270,7 +270,9 @@ def batches(sequences, batch_size: int, pad_id: int = 0):
         yield tokens, mask
 
 
-MODEL_OUTPUT_MARKERS = ("config.json", "mlxfun.json")
+MODEL_OUTPUT_MARKERS = (
+    "mlxfun.json",
+)  # every mlxfun model output has it; config.json is too common
 _STALE = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:\.npz|\.probe)?")
 
 
@@ -318,26 +320,28 @@ def remove_stale_siblings(output) -> list[Path]:
     return removed
 
 
+def _same(a: Path, b: Path) -> bool:
+    """The same file or folder: by identity where both exist (case-insensitive file systems,
+    bind mounts and links make different strings name one folder), else by resolved path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a == b
+
+
 def _inside(path: Path, directory: Path) -> bool:
-    return path == directory or directory in path.parents
+    """``path`` is ``directory`` or lies below it (both resolved)."""
+    return any(_same(p, directory) for p in (path, *path.parents))
 
 
-def check_output(output, force: bool = False, inputs=()) -> Path:
-    """Refuse (one line) an ``--output`` that would destroy an input or something that is not
-    a previous model output:
-
-    - an input (model, stats, dataset) may not be the output, lie inside it or contain it;
-    - an existing output is replaced only with ``force``, and only if it is a directory that
-      looks like a model output (has ``config.json`` or ``mlxfun.json``).
-    """
-    output = Path(output)
+def _check_not_an_input(output: Path, inputs) -> None:
     where = output.resolve()
     for item in inputs:
         if item is None:
             continue
         source = Path(item).resolve()
         if _inside(source, where):
-            what = "is" if source == where else "contains"
+            what = "is" if _same(source, where) else "contains"
             raise MlxfunError(
                 f"--output {output} {what} the input {item}; mlxfun never modifies its inputs "
                 "(nor deletes them with --force): choose an --output outside them"
@@ -347,6 +351,18 @@ def check_output(output, force: bool = False, inputs=()) -> Path:
                 f"--output {output} is inside the input {item}; mlxfun never modifies its "
                 "inputs: choose an --output outside them"
             )
+
+
+def check_output(output, force: bool = False, inputs=()) -> Path:
+    """Refuse (one line) an ``--output`` that would destroy an input or something that is not
+    a previous model output:
+
+    - an input (model, stats, dataset) may not be the output, lie inside it or contain it;
+    - an existing output is replaced only with ``force``, and only if it is a directory that
+      is a previous mlxfun model output (has ``mlxfun.json``).
+    """
+    output = Path(output)
+    _check_not_an_input(output, inputs)
     if output.exists() or output.is_symlink():
         if not force:
             raise MlxfunError(f"{output} already exists; choose another --output or pass --force")
@@ -357,17 +373,18 @@ def check_output(output, force: bool = False, inputs=()) -> Path:
             )
         if not any((output / name).is_file() for name in MODEL_OUTPUT_MARKERS):
             raise MlxfunError(
-                f"{output} exists and does not look like a model output (no config.json or "
-                "mlxfun.json); --force only replaces a previous model output: remove it "
-                "yourself or choose another --output"
+                f"{output} exists and is not an mlxfun output (no mlxfun.json); --force only "
+                "replaces a previous mlxfun output: remove it yourself or choose another --output"
             )
     return output
 
 
-def check_output_file(path, what: str = "--output") -> Path:
-    """Refuse (one line) an output file that cannot be written, before hours of work: a
-    directory, or a folder where no file can be created (probed with a temporary file)."""
+def check_output_file(path, what: str = "--output", inputs=()) -> Path:
+    """Refuse (one line) an output file that cannot be written, before hours of work: an input
+    (model, dataset, stats file) or a file inside one, a directory, or a folder where no file
+    can be created (probed with a temporary file)."""
     path = Path(path)
+    _check_not_an_input(path, inputs)
     if path.is_dir():
         raise MlxfunError(f"{what} {path} is a directory; pass a file name")
     probe = path.parent / f".{path.name}.tmp-{os.getpid()}.probe"
