@@ -140,13 +140,8 @@ def base_module(config: dict) -> str:
     """The mlx-lm module that builds this config (after mlx-lm's model-type remappings)."""
     from . import mlxlm_models
 
-    name = mlxlm_models.module_name(config)
     # The module mlx-lm imports; it may take Model from another module (solar_open: glm4_moe).
-    plain = {k: v for k, v in config.items() if k not in ("model_file", "mlxfun")}
-    module = mlxlm_models.model_module(name)
-    if (module.Model, module.ModelArgs) != mlxlm_models.model_classes(plain):
-        raise MlxfunError(f"cannot tell which mlx-lm module builds {config['model_type']!r}")
-    return f"mlx_lm.models.{name}"
+    return f"mlx_lm.models.{mlxlm_models.module_name(config)}"
 
 
 def model_file_source(base: str) -> str:
