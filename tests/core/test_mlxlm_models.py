@@ -83,3 +83,35 @@ def test_mlx_lm_loads_normally_after_a_light_import(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+WITH_ANOTHER_THREAD = """
+import sys, threading
+from mlxfun.core import mlxlm_models
+
+stop = threading.Event()
+worker = threading.Thread(target=stop.wait, daemon=True)
+worker.start()
+module = mlxlm_models.model_module("qwen3_moe")
+# the ordinary import ran mlx_lm/__init__: no moment with a bare stand-in for the thread to see
+assert hasattr(sys.modules.get("mlx_lm"), "load"), "the bare import was used with a thread"
+stop.set()
+worker.join()
+import mlx_lm
+assert mlx_lm.models.qwen3_moe is module
+print("ok")
+"""
+
+
+def test_with_other_threads_the_ordinary_import_is_used():
+    """Another thread could import mlx_lm while the bare stand-in is in sys.modules and keep
+    it; with threads running, model_module imports mlx_lm the ordinary way."""
+    result = subprocess.run(
+        [sys.executable, "-c", WITH_ANOTHER_THREAD],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parent,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import json
 import sys
+import threading
 from pathlib import Path
 
 PACKAGE = "mlx_lm"
@@ -105,7 +106,9 @@ def model_module(name: str):
     full = f"{PACKAGE}.models.{name}"
     if full in sys.modules:
         return sys.modules[full]
-    if PACKAGE in sys.modules:
+    # With other threads running, one of them could import mlx_lm while the bare package
+    # stands in for it and keep the stand-in: take the ordinary (slower) import then.
+    if PACKAGE in sys.modules or threading.active_count() > 1:
         return importlib.import_module(full)
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None:
