@@ -15,7 +15,7 @@ import pytest
 from mlxfun.cli.app import main
 from mlxfun.core import plugins, slicing
 from mlxfun.core.errors import MlxfunError
-from mlxfun.core.io import atomic_output_dir, load_model, read_config
+from mlxfun.core.io import atomic_output_dir, load_model, read_config, run_tag
 from mlxfun.core.stats import model_fingerprint, save_stats
 
 from .adapters.test_examples import QWEN3_MOE
@@ -229,7 +229,8 @@ def dead_pid() -> int:
 def test_later_runs_remove_stale_temporary_outputs(tiny, tmp_path):
     model, stats = tiny
     out = tmp_path / "out"
-    dead, alive = dead_pid(), os.getppid()
+    host = run_tag().split("-")[0]
+    dead, alive = f"{host}-{dead_pid()}", f"{host}-{os.getppid()}"
     stale = tmp_path / f".out.tmp-{dead}"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"\0" * 1024)
@@ -239,11 +240,14 @@ def test_later_runs_remove_stale_temporary_outputs(tiny, tmp_path):
     running.mkdir()
     other = tmp_path / f".other.tmp-{dead}"
     other.mkdir()
+    elsewhere = tmp_path / ".out.tmp-anotherhost-1"  # a pid of another machine means nothing here
+    elsewhere.mkdir()
     assert prune_cli(model, stats, out, "--n", "2") == 0
     assert not stale.exists()
     # killed between its two renames: the .old is the only copy of the previous output
     assert stale_old.is_dir()
     assert running.is_dir() and other.is_dir()  # a live run, and another output's leftovers
+    assert elsewhere.is_dir()
     assert prune_cli(model, stats, out, "--n", "2", "--force") == 0
     assert not stale_old.exists()
     assert running.is_dir() and other.is_dir()

@@ -6,6 +6,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -270,10 +271,19 @@ def batches(sequences, batch_size: int, pad_id: int = 0):
         yield tokens, mask
 
 
-MODEL_OUTPUT_MARKERS = (
-    "mlxfun.json",
-)  # every mlxfun model output has it; config.json is too common
-_STALE = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:\.npz|\.probe)?")
+# Every mlxfun model output has it; config.json alone is any model.
+MODEL_OUTPUT_MARKERS = ("mlxfun.json",)
+_STALE = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<host>\w+)-(?P<pid>\d+)(?:\.npz|\.probe)?")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())
+
+
+def run_tag() -> str:
+    """``HOST-PID`` for temporary names: a pid means something only on its own machine (an
+    output folder may be shared between machines), so only this host's leftovers are judged."""
+    return f"{_host()}-{os.getpid()}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -296,8 +306,9 @@ def _remove(path: Path) -> None:
 
 
 def remove_stale_siblings(output) -> list[Path]:
-    """Remove what killed runs left next to ``output``: ``.<name>.tmp-<pid>`` (and
-    ``.<name>.old-<pid>``, ``.<name>.tmp-<pid>.npz``) whose process is no longer running.
+    """Remove what killed runs of this machine left next to ``output``:
+    ``.<name>.tmp-<host>-<pid>`` (and ``.old-``, ``.tmp-...npz``) whose process is no longer
+    running; other machines' leftovers are left alone.
     A run still going (its pid alive) is left alone, and so is an ``.old`` directory while
     ``output`` is missing (a run killed between its two renames). Returns what was removed."""
     output = Path(output)
@@ -308,7 +319,9 @@ def remove_stale_siblings(output) -> list[Path]:
         return removed
     for path in siblings:
         match = _STALE.fullmatch(path.name)
-        if not match or match["name"] != output.name or _pid_alive(int(match["pid"])):
+        if not match or match["name"] != output.name or match["host"] != _host():
+            continue
+        if _pid_alive(int(match["pid"])):
             continue
         if ".old-" in path.name and not (output.exists() or output.is_symlink()):
             continue  # killed while replacing: this is the only copy of the previous output
@@ -387,7 +400,7 @@ def check_output_file(path, what: str = "--output", inputs=()) -> Path:
     _check_not_an_input(path, inputs)
     if path.is_dir():
         raise MlxfunError(f"{what} {path} is a directory; pass a file name")
-    probe = path.parent / f".{path.name}.tmp-{os.getpid()}.probe"
+    probe = path.parent / f".{path.name}.tmp-{run_tag()}.probe"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
@@ -410,7 +423,7 @@ def atomic_output_dir(output, force: bool = False, inputs=()):
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_siblings(output)
-        tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+        tmp = output.parent / f".{output.name}.tmp-{run_tag()}"
         if tmp.exists() or tmp.is_symlink():
             _remove(tmp)
         tmp.mkdir()
@@ -424,7 +437,7 @@ def atomic_output_dir(output, force: bool = False, inputs=()):
         try:
             if output.exists() or output.is_symlink():
                 check_output(output, force, inputs)  # it may have appeared meanwhile
-                old = output.parent / f".{output.name}.old-{os.getpid()}"
+                old = output.parent / f".{output.name}.old-{run_tag()}"
                 os.replace(output, old)
                 os.replace(tmp, output)
             else:

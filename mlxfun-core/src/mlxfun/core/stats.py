@@ -174,12 +174,12 @@ def save_stats(path, scores, accumulators, token_counts, metadata) -> None:
     meta = {"format_version": FORMAT_VERSION, "mlxfun_version": __version__, **metadata}
     meta["scorers"] = sorted(scores)
     arrays["metadata"] = np.array(json.dumps(meta, sort_keys=True))
-    from .io import remove_stale_siblings
+    from .io import remove_stale_siblings, run_tag
 
     path = Path(path)
     if path.is_dir():
         raise MlxfunError(f"{path} is a directory; pass a file name for the stats (.npz)")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+    tmp = path.with_name(f".{path.name}.tmp-{run_tag()}.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_siblings(path)
