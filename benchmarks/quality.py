@@ -3,7 +3,7 @@
 For 25% and 50% expert removal, every scorer with per-layer `bottom` and with `model-wide`
 selection (the same total removed), calibrated on the mixed set and on each domain alone, this
 prints the perplexity on each domain's held-out evaluation set as markdown tables. With
-`--merge` it also merges (REAM, `mlxfun merge`) at the same ratios and compares with REAP
+`--merge` it also merges (REAM, `mlxfun merge`, group sizes 16 and 0) at the same ratios and compares with REAP
 pruning, and reports the merge time per layer against the collect time of the same tokens.
 
     python benchmarks/quality.py [--eval-tokens 8192] [--ratios 0.25,0.5] [--merge]
@@ -111,26 +111,29 @@ def removal_grid(model, layers, stats, evals, ratios) -> list[dict]:
     return rows
 
 
-def merge_rows(workdir, stats_file, tokenizer, evals, ratios, max_tokens) -> tuple[list, dict]:
-    """REAM merge at each ratio (mixed calibration, REAP centroids), evaluated from disk, and
-    the collect time of the same tokens for comparison."""
+def merge_rows(workdir, stats_file, evals, ratios, group_sizes, max_tokens) -> tuple[list, dict]:
+    """REAM merge at each ratio and group size (mixed calibration, REAP centroids), evaluated
+    from disk, and the collect time of the same tokens for comparison."""
     from mlxfun.core.collect import collect_stats, with_seed
     from mlxfun.methods.ream import token_sample
 
     rows = []
     for ratio in ratios:
-        out = workdir / f"ream-{ratio}"
-        report = json.loads(mlxfun(
-            "merge", "--model", MODEL, "--stats", stats_file,
-            "--dataset", DATA / "calib_mixed.jsonl", "--ratio", ratio,
-            "--max-tokens", max_tokens, "--output", out, "--json",
-        ))  # fmt: skip
-        merged, _, _ = load_model(out)
-        ppl = {d: perplexity(merged, w) for d, w in evals.items()}
-        rows.append(dict(ratio=ratio, seconds=report["timings"], tokens=report["tokens"], **ppl))
-        print(f"  ream {ratio:.0%}: code {ppl['code']:.2f}  prose {ppl['prose']:.2f}; "
-              f"per layer {', '.join(f'{s:.1f}' for s in report['timings'])} s", flush=True)  # fmt: skip
-        del merged
+        for group_size in group_sizes:
+            out = workdir / f"ream-{ratio}-{group_size}"
+            report = json.loads(mlxfun(
+                "merge", "--model", MODEL, "--stats", stats_file,
+                "--dataset", DATA / "calib_mixed.jsonl", "--ratio", ratio,
+                "--group-size", group_size, "--max-tokens", max_tokens, "--output", out, "--json",
+            ))  # fmt: skip
+            merged, _, _ = load_model(out)
+            ppl = {d: perplexity(merged, w) for d, w in evals.items()}
+            rows.append(dict(ratio=ratio, group_size=group_size, seconds=report["timings"],
+                             tokens=report["tokens"], **ppl))  # fmt: skip
+            print(f"  ream {ratio:.0%} C={group_size}: code {ppl['code']:.2f}  "
+                  f"prose {ppl['prose']:.2f}; per layer "
+                  f"{', '.join(f'{s:.1f}' for s in report['timings'])} s", flush=True)  # fmt: skip
+            del merged
     # the same tokens as merge samples, through collect (all scorers, hooked forward)
     model, tokenizer, config = load_model(MODEL)
     samples = load_samples([DATA / "calib_mixed.jsonl"])
@@ -171,14 +174,16 @@ def print_report(opts, dense, rows, merged, collect, elapsed) -> None:
         print("### REAM merge vs REAP prune (mixed calibration, `bottom`)\n")
         print("| removed | method | code | prose | seconds per layer |")
         print("|---:|---|---:|---:|---|")
-        for m in merged:
+        for ratio in opts.ratios:
             prune = next(r for r in rows if (r["ratio"], r["selector"], r["calibration"],
-                         r["scorer"]) == (m["ratio"], "bottom", "mixed", "reap"))  # fmt: skip
-            print(f"| {m['ratio']:.0%} | prune (reap) | {cell(prune['code'], dense['code'])} | "
+                         r["scorer"]) == (ratio, "bottom", "mixed", "reap"))  # fmt: skip
+            print(f"| {ratio:.0%} | prune (reap) | {cell(prune['code'], dense['code'])} | "
                   f"{cell(prune['prose'], dense['prose'])} | - |")  # fmt: skip
-            per_layer = ", ".join(f"{s:.1f}" for s in m["seconds"])
-            print(f"| {m['ratio']:.0%} | merge (ream) | {cell(m['code'], dense['code'])} | "
-                  f"{cell(m['prose'], dense['prose'])} | {per_layer} |")  # fmt: skip
+            for m in (m for m in merged if m["ratio"] == ratio):
+                per_layer = ", ".join(f"{s:.1f}" for s in m["seconds"])
+                print(f"| {ratio:.0%} | merge (ream, group size {m['group_size']}) | "
+                      f"{cell(m['code'], dense['code'])} | {cell(m['prose'], dense['prose'])} | "
+                      f"{per_layer} |")  # fmt: skip
         mean_layer = float(np.mean([s for m in merged for s in m["seconds"]]))
         print(f"\nMerge samples {merged[0]['tokens']} calibration tokens. Collecting every "
               f"statistic on the same {collect['tokens']} tokens takes {collect['seconds']:.1f} s; "
@@ -195,6 +200,9 @@ def main():
     parser.add_argument("--ratios", default="0.25,0.5")
     parser.add_argument("--merge", action="store_true", help="also REAM-merge at each ratio")
     parser.add_argument("--merge-tokens", type=int, default=2048, help="merge's token sample")
+    parser.add_argument(
+        "--group-sizes", default="16,0", help="merge --group-size values (0: MC-SMoE style)"
+    )
     opts = parser.parse_args()
     opts.ratios = [float(r) for r in opts.ratios.split(",")]
     started = time.perf_counter()
@@ -212,8 +220,9 @@ def main():
         del model
         merged, collect = [], None
         if opts.merge:
+            group_sizes = [int(c) for c in opts.group_sizes.split(",")]
             merged, collect = merge_rows(
-                workdir, files["mixed"], tokenizer, evals, opts.ratios, opts.merge_tokens
+                workdir, files["mixed"], evals, opts.ratios, group_sizes, opts.merge_tokens
             )
     print_report(opts, dense, rows, merged, collect, time.perf_counter() - started)
 
