@@ -63,51 +63,22 @@ SAFETENSORS_DTYPES = {
 }
 
 
-@attrs.define
-class MergeRequest:
+@attrs.define(kw_only=True)
+class MergeRequest(PruneRequest):
     """What ``mlxfun merge`` asks for: prune's options (which experts are the centroids) plus
     the calibration text and the merge settings."""
 
-    model: Path = attrs.field(converter=Path)
-    stats: Path = attrs.field(converter=Path)
     dataset: list = attrs.field(factory=list, converter=lambda v: [Path(p) for p in v])
-    output: Path | None = attrs.field(
-        default=None, converter=lambda p: None if p is None else Path(p)
-    )
-    scorer: str = "reap"
-    selector: str = "bottom"
-    n: int | None = None
-    ratio: float | None = None
-    protect: dict = attrs.field(factory=dict)
-    target: dict = attrs.field(factory=dict)
-    min_keep: int | None = None
-    normalize: str = "none"
     group_size: int = 16
     max_tokens: int = 2048
     max_samples: int | None = None
     align_tokens: int = 1024
     batch_size: int = 4
     seed: int = 0
-    force: bool = False
-    dry_run: bool = False
     progress: bool = True
 
     def prune_request(self) -> PruneRequest:
-        return PruneRequest(
-            model=self.model,
-            stats=self.stats,
-            output=self.output,
-            scorer=self.scorer,
-            selector=self.selector,
-            n=self.n,
-            ratio=self.ratio,
-            protect=self.protect,
-            target=self.target,
-            min_keep=self.min_keep,
-            normalize=self.normalize,
-            force=self.force,
-            dry_run=self.dry_run,
-        )
+        return PruneRequest(**{f.name: getattr(self, f.name) for f in attrs.fields(PruneRequest)})
 
 
 @attrs.define(frozen=True)
