@@ -5,7 +5,7 @@ from pathlib import Path
 import typer
 
 from .output import print_json, print_table
-from .prune_cmd import _size
+from .prune_cmd import NONUNIFORM_HINT, saving_line
 
 
 def register(app: typer.Typer) -> None:
@@ -103,18 +103,13 @@ def register(app: typer.Typer) -> None:
             columns = ["layer", "experts", "kept", "merged_groups", "absorbed", "dropped"]
             columns += ["group_sizes", "seconds"]
         print_table(summary["layers"], columns)
-        saved = summary["bytes_saved"]
-        share = saved / summary["bytes_before"] if summary["bytes_before"] else 0.0
         shape = "uniform" if summary["uniform"] else "non-uniform (ships a model_file)"
         print(
             f"\nREAM on {summary['scorer']} ({summary['selector']}, group size "
             f"{summary['group_size']}): {summary['experts_before']} -> "
             f"{summary['experts_after']} experts, {shape}"
         )
-        print(
-            f"weights {_size(summary['bytes_before'])} -> {_size(summary['bytes_after'])} "
-            f"(saves {_size(saved)}, {share:.1%})"
-        )
+        print(saving_line(summary))
         if summary["dry_run"]:
             print("dry run: nothing written (the groups need the calibration forward)")
             return
@@ -126,7 +121,4 @@ def register(app: typer.Typer) -> None:
             )
         print(f"similarities on {summary['tokens']} tokens; wrote {summary['output']}")
         if not summary["uniform"]:
-            print(
-                "load it with mlx_lm.load(path, trust_remote_code=True) or "
-                "mlx_lm.generate --trust-remote-code; mlxfun loads it as it is"
-            )
+            print(NONUNIFORM_HINT)

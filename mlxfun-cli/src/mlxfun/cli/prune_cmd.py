@@ -15,6 +15,22 @@ def _size(nbytes: int) -> str:
     return str(nbytes)
 
 
+NONUNIFORM_HINT = (
+    "load it with mlx_lm.load(path, trust_remote_code=True) or "
+    "mlx_lm.generate --trust-remote-code; mlxfun loads it as it is"
+)
+
+
+def saving_line(summary: dict) -> str:
+    """``weights A -> B (saves C, D%)`` from a prune or merge summary."""
+    saved = summary["bytes_saved"]
+    share = saved / summary["bytes_before"] if summary["bytes_before"] else 0.0
+    return (
+        f"weights {_size(summary['bytes_before'])} -> {_size(summary['bytes_after'])} "
+        f"(saves {_size(saved)}, {share:.1%})"
+    )
+
+
 def register(app: typer.Typer) -> None:
     @app.command("prune")
     def prune(
@@ -83,23 +99,15 @@ def register(app: typer.Typer) -> None:
             return
         columns = ["layer", "experts", "kept", "removed", "removed_ids", "removed_score_share"]
         print_table(summary["layers"], columns)
-        saved = summary["bytes_saved"]
-        share = saved / summary["bytes_before"] if summary["bytes_before"] else 0.0
         shape = "uniform" if summary["uniform"] else "non-uniform (ships a model_file)"
         print(
             f"\n{summary['selector']} on {summary['scorer']}: removed {summary['removed']} of "
             f"{summary['experts_before']} experts, {shape}"
         )
-        print(
-            f"weights {_size(summary['bytes_before'])} -> {_size(summary['bytes_after'])} "
-            f"(saves {_size(saved)}, {share:.1%})"
-        )
+        print(saving_line(summary))
         if summary["dry_run"]:
             print("dry run: nothing written")
         else:
             print(f"wrote {summary['output']}")
             if not summary["uniform"]:
-                print(
-                    "load it with mlx_lm.load(path, trust_remote_code=True) or "
-                    "mlx_lm.generate --trust-remote-code; mlxfun loads it as it is"
-                )
+                print(NONUNIFORM_HINT)
