@@ -26,10 +26,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+from cli_startup import mlxfun_command  # benchmarks/ is on sys.path when run as a script
 
 TIME_TARGET = 1.5
 MEMORY_TARGET = 1.25
@@ -152,14 +153,6 @@ def write_stats(model_dir: Path, stats_path: Path, seed: int = 0) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Measuring
-
-
-def mlxfun_command() -> list[str]:
-    script = Path(sysconfig.get_path("scripts")) / "mlxfun"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("mlxfun")
-    return [found] if found else [sys.executable, "-m", "mlxfun.cli"]
 
 
 def measure(command: list[str]) -> tuple[float, float, int]:
