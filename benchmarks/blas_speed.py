@@ -23,7 +23,8 @@ WORKER = """
 import json, sys, time
 import mlx.core as mx
 import numpy as np
-from mlxfun.core.io import load_model, load_samples, tokenize_samples
+from mlxfun.core.datasets import load_samples, tokenize_samples
+from mlxfun.core.models import load_model
 
 model_dir, data, tokens, repeats, out = sys.argv[1:6]
 model, tokenizer, _ = load_model(model_dir)

@@ -102,7 +102,7 @@ def write_checkpoint(path: Path, size_bytes: float, shards: int, seed: int = 0) 
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import get_total_parameters, save_config
-    from mlxfun.core.io import copy_tokenizer_files
+    from mlxfun.core.models import copy_tokenizer_files
 
     config = config_for(size_bytes)
     mx.random.seed(seed)
@@ -135,7 +135,7 @@ def write_stats(model_dir: Path, stats_path: Path, seed: int = 0) -> int:
     """Random REAP scores with the model's real fingerprint; returns the experts per layer."""
     import numpy as np
     from mlxfun.core import plugins, slicing
-    from mlxfun.core.io import read_config
+    from mlxfun.core.config import read_config
     from mlxfun.core.stats import model_fingerprint, save_stats
 
     config = read_config(model_dir)

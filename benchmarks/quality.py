@@ -30,7 +30,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlxfun.core import plugins
-from mlxfun.core.io import load_model, load_samples, tokenize_samples
+from mlxfun.core.datasets import load_samples, tokenize_samples
+from mlxfun.core.models import load_model
 from mlxfun.core.stats import load_stats
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,8 @@ import mlx.nn as nn
 import numpy as np
 from mlxfun.core import plugins
 from mlxfun.core.collect import collect_stats
-from mlxfun.core.io import load_model, load_samples, tokenize_samples
+from mlxfun.core.datasets import load_samples, tokenize_samples
+from mlxfun.core.models import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlxfun.core import plugins
-from mlxfun.core.io import load_model, load_samples, tokenize_samples
+from mlxfun.core.datasets import load_samples, tokenize_samples
+from mlxfun.core.models import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "demo" / "model"

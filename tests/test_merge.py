@@ -19,7 +19,7 @@ from mlx_lm.utils import load as mlx_lm_load
 from mlx_lm.utils import save_model
 from mlxfun.cli.app import main
 from mlxfun.core import plugins, slicing
-from mlxfun.core.io import read_config
+from mlxfun.core.config import read_config
 from mlxfun.core.stats import model_fingerprint, save_stats
 from mlxfun.methods import ream
 from mlxfun.methods.prune import PruneRequest, prune

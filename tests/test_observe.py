@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlxfun.core import plugins
-from mlxfun.core.io import load_model
+from mlxfun.core.models import load_model
 from mlxfun.core.observe import Observer, RoutingMismatch
 
 from .adapters.harness import build_tiny
@@ -59,9 +59,9 @@ def test_an_adapter_with_the_wrong_routing_is_caught(model):
 
 def test_bf16_experts_run_in_float32_on_cpu(tmp_path, capsys, monkeypatch):
     import mlx.nn as nn
-    from mlxfun.core import io
+    from mlxfun.core import models
 
-    monkeypatch.setattr(io, "_said_float32", False)  # said once per process: say it here
+    monkeypatch.setattr(models, "_said_float32", False)  # said once per process: say it here
 
     path = write_model_dir(tmp_path / "bf16", "qwen3_moe", QWEN3_MOE)
     reference, _, _ = load_model(path)

@@ -20,9 +20,10 @@ from mlx_lm.utils import save_config, save_model
 from mlxfun.cli.app import main
 from mlxfun.core import nonuniform, plugins, slicing
 from mlxfun.core.adapter import get_path
+from mlxfun.core.config import read_config
 from mlxfun.core.errors import MlxfunError
 from mlxfun.core.hooks import call_hooks
-from mlxfun.core.io import load_model, read_config
+from mlxfun.core.models import load_model
 from mlxfun.core.stats import model_fingerprint, save_stats
 from mlxfun.methods.prune import PruneRequest, parse_expert_lists, prune, router_groups
 

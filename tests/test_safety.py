@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from mlxfun.cli.app import main
 from mlxfun.core import plugins, slicing
+from mlxfun.core.config import read_config
 from mlxfun.core.errors import MlxfunError
-from mlxfun.core.io import atomic_output_dir, load_model, read_config, run_tag
+from mlxfun.core.models import load_model
+from mlxfun.core.outputs import atomic_output_dir, run_tag
 from mlxfun.core.stats import model_fingerprint, save_stats
 
 from .adapters.test_examples import QWEN3_MOE

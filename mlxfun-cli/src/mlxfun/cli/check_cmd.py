@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         from mlxfun.core.errors import MlxfunError
         from mlxfun.core.evaluate import DEFAULT_PROMPTS
         from mlxfun.core.evaluate import smoke_test as run_smoke_test
-        from mlxfun.core.io import load_model
+        from mlxfun.core.models import load_model
 
         if max_tokens < 1:
             raise MlxfunError("--max-tokens must be at least 1")

@@ -33,14 +33,11 @@ def register(app: typer.Typer) -> None:
         """Collect routing statistics (REAP, EAN, frequency, ...) in one pass."""
         from mlxfun.core import plugins
         from mlxfun.core.collect import collect_stats, layer_summary, with_seed
+        from mlxfun.core.config import read_config
+        from mlxfun.core.datasets import load_samples, tokenize_samples
         from mlxfun.core.errors import MlxfunError
-        from mlxfun.core.io import (
-            check_output_file,
-            load_model,
-            load_samples,
-            read_config,
-            tokenize_samples,
-        )
+        from mlxfun.core.models import load_model
+        from mlxfun.core.outputs import check_output_file
         from mlxfun.core.stats import model_fingerprint, save_stats
 
         if max_tokens <= 0 or batch_size <= 0:

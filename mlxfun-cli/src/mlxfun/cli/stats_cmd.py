@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         """Combine stats files of the same model (e.g. several domains)."""
         from mlxfun.core import plugins
         from mlxfun.core.errors import MlxfunError
-        from mlxfun.core.io import check_output_file
+        from mlxfun.core.outputs import check_output_file
         from mlxfun.core.stats import MERGE_MODES, load_stats, merge_stats, save_stats
 
         if mode not in MERGE_MODES:

@@ -5,7 +5,7 @@ import time
 import attrs
 import numpy as np
 
-from .io import batches
+from .datasets import batches
 from .observe import Observer
 from .stats import StatsCollector, model_fingerprint
 

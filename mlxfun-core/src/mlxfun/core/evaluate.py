@@ -91,7 +91,7 @@ def _nll(model, sequences, batch_size: int):
     """Per-position negative log-likelihood and argmax, for every sequence (float64 numpy)."""
     import mlx.core as mx
 
-    from .io import batches
+    from .datasets import batches
 
     nll, top = [], []
     for tokens, mask in batches(sequences, batch_size):
@@ -134,7 +134,8 @@ def evaluate(
     """Perplexity and agreement with the first model, for each model (see the module doc)."""
     import gc
 
-    from .io import load_model, load_samples, tokenize_samples
+    from .datasets import load_samples, tokenize_samples
+    from .models import load_model
 
     if not model_dirs:
         raise MlxfunError("pass at least one --model")

@@ -1,6 +1,6 @@
 """What a model is made of: MoE layers, experts, and where its parameters and bytes are."""
 
-from .io import read_config
+from .config import read_config
 
 
 def _part(
@@ -71,7 +71,7 @@ def _quantized_bits(model) -> dict[str, int]:
 
 def describe_model(model_dir) -> dict:
     from . import plugins
-    from .io import load_mlx_model
+    from .models import load_mlx_model
 
     config = read_config(model_dir)
     adapter = plugins.adapter_for_config(config)

@@ -62,7 +62,7 @@ def load_config(model_dir) -> dict:
     """config.json as ``mlx_lm.utils.load_config`` reads it: non-finite floats tagged by
     transformers (``{"__float__": "Infinity"}``) decoded, ``eos_token_id`` from
     generation_config.json. Missing or broken files give mlxfun's one-line errors."""
-    from .io import read_config
+    from .config import read_config
 
     config = _decode_floats(read_config(model_dir))
     try:

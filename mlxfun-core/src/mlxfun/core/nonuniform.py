@@ -21,7 +21,7 @@ parameters are created lazily and never evaluated before the weights replace the
 Stock mlx-lm loads such a directory only with ``trust_remote_code=True``
 (``mlx_lm.load(path, trust_remote_code=True)``, ``mlx_lm.generate --trust-remote-code``). The
 file imports nothing but mlx-lm. mlxfun itself never runs the file on disk: it builds the model
-from this template (``load_module``; ``mlxfun.core.io.load_model``, ``slicing.model_skeleton``)
+from this template (``load_module``; ``mlxfun.core.models.load_model``, ``slicing.model_skeleton``)
 and refuses any other ``model_file``.
 """
 

@@ -174,7 +174,7 @@ def save_stats(path, scores, accumulators, token_counts, metadata) -> None:
     meta = {"format_version": FORMAT_VERSION, "mlxfun_version": __version__, **metadata}
     meta["scorers"] = sorted(scores)
     arrays["metadata"] = np.array(json.dumps(meta, sort_keys=True))
-    from .io import remove_stale_siblings, run_tag
+    from .outputs import remove_stale_siblings, run_tag
 
     path = Path(path)
     if path.is_dir():

@@ -276,7 +276,8 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
     """Check the request and compute the keep map, the new config and the provenance, writing
     nothing (shared by ``prune`` and the ``ream`` merge)."""
     from mlxfun.core import nonuniform, plugins, slicing
-    from mlxfun.core.io import check_output, read_config
+    from mlxfun.core.config import read_config
+    from mlxfun.core.outputs import check_output
     from mlxfun.core.stats import check_fingerprint, load_stats, model_fingerprint
 
     from .selectors import removal_report
@@ -469,7 +470,7 @@ def finish_summary(summary: dict, written: dict) -> dict:
 
 
 def prune(request: PruneRequest) -> dict:
-    from mlxfun.core.io import atomic_output_dir
+    from mlxfun.core.outputs import atomic_output_dir
 
     plan = plan_prune(request)
     if request.dry_run:

@@ -427,8 +427,8 @@ def layer_inputs(model, block, sequences, batch_size: int):
     """The block's input on every real token of ``sequences`` (tokens, hidden) float32; the
     forward stops at the block."""
     import mlx.core as mx
+    from mlxfun.core.datasets import batches
     from mlxfun.core.hooks import call_hooks
-    from mlxfun.core.io import batches
 
     pieces = []
     for tokens, mask in batches(sequences, batch_size):
@@ -581,10 +581,10 @@ def merge(request: MergeRequest) -> dict:
     if request.dry_run:
         return summary
     if request.dataset:
-        from mlxfun.core.io import load_samples
+        from mlxfun.core.datasets import load_samples
 
         samples = load_samples(request.dataset, max_samples=request.max_samples, seed=request.seed)
-    from mlxfun.core.io import atomic_output_dir
+    from mlxfun.core.outputs import atomic_output_dir
 
     inputs = (request.model, request.stats, *request.dataset)
     with atomic_output_dir(request.output, force=request.force, inputs=inputs) as tmp:
@@ -608,7 +608,8 @@ def _merge_into(plan, directory: Path, samples, request: MergeRequest) -> dict:
     into the loaded model."""
     import mlx.core as mx
     from mlxfun.core import slicing
-    from mlxfun.core.io import load_model, tokenize_samples
+    from mlxfun.core.datasets import tokenize_samples
+    from mlxfun.core.models import load_model
     from tqdm import tqdm
 
     adapter = plan.adapter
