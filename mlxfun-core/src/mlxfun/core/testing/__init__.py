@@ -1,0 +1,56 @@
+"""Conformance checks for mlxfun plugins, for plugin authors to run in their own tests.
+
+Each ``check_*`` function takes a plugin object, exercises the protocol of its kind (see
+``mlxfun.core.types``) the way mlxfun itself calls it, and raises ``AssertionError`` with a
+message that names the plugin and what to fix::
+
+    from mlxfun.core import testing
+
+    def test_my_scorer():
+        testing.check_scorer(MyScorer())
+
+Or subclass ``PluginConformance`` (pytest collects it when the subclass is named ``Test...``)::
+
+    class TestMyScorer(testing.PluginConformance):
+        plugin_kind = "scorer"
+        plugin_object = MyScorer()
+
+An adapter needs a model: define ``make_model(self) -> (model, model_type)``, for instance with
+``build_tiny_model``. This package imports neither Typer nor SciPy, and MLX only inside the
+functions that run a model.
+
+One module per plugin kind, and the helpers they share:
+
+- ``plugin``: ``check_plugin``, the attributes every kind declares (compressors and
+  interventions have no further check: their work is a whole model, tested in their package);
+- ``scorer``, ``selector``, ``adapter``: ``check_scorer``, ``check_selector``, ``check_adapter``;
+- ``conformance``: ``PluginConformance``, the pytest base class running them;
+- ``observations``: ``make_observation``, a synthetic ``LayerObservation``;
+- ``tiny_models``: ``build_tiny_model``, an mlx-lm model with seeded random weights;
+- ``plugin_state``: ``registered_plugin`` and ``fresh_plugin_state``;
+- ``failures``: how every check fails (an ``AssertionError`` naming the plugin).
+
+Import the names from ``mlxfun.core.testing``; the modules are its layout, not its interface.
+"""
+
+from .adapter import check_adapter
+from .conformance import PluginConformance
+from .observations import make_observation
+from .plugin import NAME_PATTERN, check_plugin
+from .plugin_state import fresh_plugin_state, registered_plugin
+from .scorer import check_scorer
+from .selector import check_selector
+from .tiny_models import build_tiny_model
+
+__all__ = [
+    "NAME_PATTERN",
+    "PluginConformance",
+    "build_tiny_model",
+    "check_adapter",
+    "check_plugin",
+    "check_scorer",
+    "check_selector",
+    "fresh_plugin_state",
+    "make_observation",
+    "registered_plugin",
+]

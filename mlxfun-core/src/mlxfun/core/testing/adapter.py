@@ -1,0 +1,162 @@
+"""``check_adapter``: an adapter finds a model's MoE layers and reproduces their routing
+exactly."""
+
+import numpy as np
+
+from .failures import fail, plugin_label
+from .observations import ALL_NEEDS
+from .plugin import check_plugin
+
+
+def _vocab_size(model) -> int:
+    args = getattr(model, "args", None)
+    for holder in (args, getattr(args, "text_config", None)):
+        value = (
+            holder.get("vocab_size")
+            if isinstance(holder, dict)
+            else getattr(holder, "vocab_size", None)
+        )
+        if isinstance(value, int) and value > 0:
+            return value
+    return 32
+
+
+def check_adapter(
+    adapter,
+    model,
+    model_type: str,
+    tokens=None,
+    check_weights: bool = True,
+    atol: float = 1e-4,
+    config: dict | None = None,
+):
+    """The adapter finds the model's MoE layers and reproduces their routing exactly.
+
+    - ``model_type`` is one of ``adapter.model_types`` and ``matches`` accepts ``config``;
+    - ``moe_layers(model)`` finds at least one layer, in forward order, with positions 0..n-1,
+      a path that leads to the block, an expert count and 1 <= top_k <= experts;
+    - a forward observed through ``mlxfun.core.observe.Observer`` equals the plain forward
+      bit for bit, and the model's classes are restored afterwards;
+    - the adapter's routing selects exactly the experts every block used (the observer checks
+      this on every token);
+    - with ``check_weights``, every block's output equals the sum over its selected experts of
+      gate weight times raw expert output, plus the ungated ``shared_attrs`` modules; turn it
+      off for blocks that gate their shared experts or transform the sum.
+
+    ``tokens`` (batch, seq) defaults to random ids below the vocabulary size; ``config`` (default
+    ``{"model_type": model_type}``) is what ``matches`` must accept. Returns the observations of
+    the forward.
+    """
+    import mlx.core as mx
+
+    from ..adapter import get_path, has_path
+    from ..hooks import call_hooks
+    from ..observe import Observer, RoutingMismatch
+
+    check_plugin("adapter", adapter)
+    label = plugin_label("adapter", adapter)
+    if model_type not in adapter.model_types:
+        fail(
+            label,
+            f"does not declare model_type {model_type!r} (model_types: "
+            f"{tuple(adapter.model_types)})",
+        )
+    config = {"model_type": model_type} if config is None else config
+    if not adapter.matches(config):
+        fail(label, f"matches() rejects the config {config!r}")
+
+    layers = adapter.moe_layers(model)
+    if not isinstance(layers, list) or not layers:
+        fail(
+            label,
+            f"moe_layers() found no MoE layer in this {type(model).__module__} model; "
+            "check experts_attr (the experts module's attribute name on each block)",
+        )
+    for position, layer in enumerate(layers):
+        where = f"MoE layer {position} ({getattr(layer, 'path', '?')})"
+        if layer.position != position:
+            fail(label, f"{where} has position {layer.position}; positions must be 0..n-1")
+        if position and layer.index <= layers[position - 1].index:
+            fail(label, f"{where}: moe_layers() must be in forward (decoder layer) order")
+        if get_path(model, layer.path) is not layer.block:
+            fail(label, f"{where}: path {layer.path!r} does not lead to the block")
+        if not (isinstance(layer.num_experts, int) and layer.num_experts > 0):
+            fail(label, f"{where}: num_experts {layer.num_experts!r} must be a positive int")
+        if not (isinstance(layer.top_k, int) and 1 <= layer.top_k <= layer.num_experts):
+            fail(label, f"{where}: top_k {layer.top_k!r} must be in 1..{layer.num_experts}")
+
+    if tokens is None:
+        ids = np.random.default_rng(0).integers(0, min(_vocab_size(model), 256), (2, 12))
+        tokens = mx.array(ids.astype(np.int32))
+    classes = [type(m) for _, m in model.named_modules()]
+    plain = model(tokens)
+    observer = Observer(model, adapter, ALL_NEEDS)
+    with observer:
+        hooked = model(tokens)
+    mx.eval(plain, hooked)
+    if [type(m) for _, m in model.named_modules()] != classes:
+        fail(label, "the model's module classes were not restored after observation")
+    if plain.shape != hooked.shape or not mx.array_equal(plain, hooked).item():
+        fail(label, "the observed forward differs from the plain one; hooks must only read")
+    try:
+        observations = observer.observations()
+    except RoutingMismatch as exc:
+        fail(
+            label,
+            f"routing does not match the model: {exc}; route() must repeat the "
+            "block's own router computation",
+        )
+    num_tokens = int(np.prod(tokens.shape))
+    for layer, obs in zip(layers, observations):
+        where = f"MoE layer {layer.position} ({layer.path})"
+        if obs.selected.shape != (num_tokens, layer.top_k):
+            fail(
+                label,
+                f"{where}: observed selection {obs.selected.shape}, expected "
+                f"(tokens, top_k) = {(num_tokens, layer.top_k)}",
+            )
+        if obs.weights.shape != obs.selected.shape or not np.all(np.isfinite(obs.weights)):
+            fail(label, f"{where}: gate weights must be finite and shaped like the selection")
+        if obs.logits is not None and obs.logits.shape != (num_tokens, layer.num_experts):
+            fail(
+                label,
+                f"{where}: router logits {obs.logits.shape}, expected "
+                f"{(num_tokens, layer.num_experts)}; the router must score every expert",
+            )
+
+    if check_weights:
+        seen = {}
+
+        def recorder(position):
+            def wrapper(module, call, x, *args, **kwargs):
+                out = call(x, *args, **kwargs)
+                seen[position] = (x, out)
+                return out
+
+            return wrapper
+
+        with call_hooks([(layer.block, recorder(layer.position)) for layer in layers]):
+            mx.eval(model(tokens))
+        for layer, obs in zip(layers, observations):
+            x, out = seen[layer.position]
+            rebuilt = np.einsum(
+                "tk,tkh->th", obs.weights.astype(np.float64), obs.outputs.astype(np.float64)
+            )
+            for attr in getattr(adapter, "shared_attrs", ()):
+                if not has_path(layer.block, attr):  # shared experts can be configured away
+                    continue
+                shared = get_path(layer.block, attr)(x).astype(mx.float32)
+                rebuilt += np.array(shared, dtype=np.float64).reshape(rebuilt.shape)
+            actual = np.array(out.astype(mx.float32), dtype=np.float64).reshape(rebuilt.shape)
+            scale = max(1.0, float(np.abs(actual).max()))
+            error = float(np.abs(actual - rebuilt).max())
+            if error > atol * scale:
+                fail(
+                    label,
+                    f"MoE layer {layer.position} ({layer.path}): the block's output is "
+                    f"not sum(weight * expert output) + shared experts (max difference "
+                    f"{error:.3g}); the weights route() returns must be the factors the "
+                    "block multiplies (renormalisation, scaling); pass check_weights=False "
+                    "for blocks that gate their shared experts",
+                )
+    return observations

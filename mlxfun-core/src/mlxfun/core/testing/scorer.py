@@ -1,0 +1,241 @@
+"""``check_scorer``: a scorer accumulates exactly and merges exactly."""
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+import numpy as np
+
+from ..types import LayerObservation
+from .failures import fail, plugin_label
+from .observations import make_observation
+from .plugin import check_plugin
+
+
+def _slice(obs: LayerObservation, part: slice) -> LayerObservation:
+    fields = ("selected", "weights", "norms", "logits", "outputs")
+    return attrs.evolve(
+        obs, **{f: None if getattr(obs, f) is None else getattr(obs, f)[part] for f in fields}
+    )
+
+
+def _copy_acc(acc) -> dict:
+    return {key: np.array(value, copy=True) for key, value in acc.items()}
+
+
+def _same_acc(a, b) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
+
+
+def _default_combine(a, b):
+    return {key: a[key] + b[key] for key in a}
+
+
+def _check_scores(label: str, scores, shape, what: str) -> np.ndarray:
+    array = np.asarray(scores)
+    if array.shape != shape:
+        fail(
+            label,
+            f"finalize() after {what} gave shape {array.shape}, expected "
+            f"(num_layers, num_experts) = {shape}",
+        )
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        fail(label, f"finalize() after {what} gave dtype {array.dtype}, expected a float array")
+    if not np.all(np.isfinite(array)):
+        fail(
+            label,
+            f"finalize() after {what} gave NaN or inf (an expert never routed to must "
+            "still get a finite score, the lowest meaningful one)",
+        )
+    return array.astype(np.float64)
+
+
+def check_scorer(
+    scorer,
+    num_layers: int = 3,
+    num_experts: int = 8,
+    top_k: int = 2,
+    layer_local: bool = True,
+    rtol: float = 1e-9,
+) -> None:
+    """A scorer accumulates exactly and merges exactly.
+
+    - ``init`` gives a dict of float64 arrays, fresh on every call;
+    - ``update`` changes them in place (when the scorer observes anything: ``needs`` not empty),
+      keeping their shapes and dtype, and uses only what ``needs`` asks for;
+    - ``finalize`` gives a finite (num_layers, num_experts) float array and leaves the
+      accumulators alone; an expert that was never routed to still gets a finite score;
+    - splitting a batch into two updates changes nothing;
+    - ``combine(a, b)`` (default: the sum) equals one accumulation over both sets of
+      observations, without modifying ``a`` or ``b``;
+    - the accumulators survive the stats file (``mlxfun.core.stats.save_stats``/``load_stats``);
+    - with ``layer_local`` (the default), observations of one layer change only that layer's
+      row of scores.
+    """
+    from ..stats import load_stats, save_stats
+
+    check_plugin("scorer", scorer)
+    label = plugin_label("scorer", scorer)
+    shape = (num_layers, num_experts)
+    needs = frozenset(scorer.needs)
+
+    acc = scorer.init(num_layers, num_experts)
+    if not isinstance(acc, dict):
+        fail(label, f"init() must return a dict of numpy arrays, got {type(acc).__name__}")
+    for key, value in acc.items():
+        if not isinstance(key, str) or not key or any(c.isspace() for c in key):
+            fail(label, f"init() key {key!r} must be a non-empty str without spaces")
+        if not isinstance(value, np.ndarray) or value.dtype != np.float64:
+            fail(
+                label,
+                f"init()[{key!r}] must be a float64 numpy array (exact sums), got "
+                f"{getattr(value, 'dtype', type(value).__name__)}",
+            )
+    empty = _copy_acc(acc)
+    empty_scores = _check_scores(label, scorer.finalize(scorer.init(*shape)), shape, "init()")
+
+    def observations(seed, tokens):
+        return [
+            make_observation(
+                layer,
+                num_experts,
+                tokens + 3 * layer,
+                top_k,
+                needs | {"selected", "weights"},
+                seed=seed * 100 + layer,
+                never_routed=(num_experts - 1,),
+            )
+            for layer in range(num_layers)
+        ]
+
+    def accumulate(*batches):
+        result = scorer.init(*shape)
+        for batch in batches:
+            for obs in batch:
+                try:
+                    returned = scorer.update(result, obs)
+                except (AttributeError, TypeError) as exc:
+                    missing = [f for f in ("norms", "logits", "outputs") if getattr(obs, f) is None]
+                    fail(
+                        label,
+                        f"update() failed with {type(exc).__name__}: {exc}; an observation "
+                        f"has only selected, weights and what `needs` lists ({sorted(needs)}), "
+                        f"here not: {', '.join(missing)}",
+                    )
+                if returned is not None and returned is not result:
+                    fail(
+                        label,
+                        "update() returned new accumulators; mlxfun ignores what it returns, "
+                        "so change `acc` in place",
+                    )
+        return result
+
+    batch_a, batch_b = observations(1, 12), observations(2, 7)
+
+    # init gives fresh arrays, update mutates them in place
+    other = scorer.init(*shape)
+    acc_a = accumulate(batch_a)
+    if not _same_acc(other, empty):
+        fail(
+            label,
+            "init() returned arrays shared between calls (updating one accumulator "
+            "changed another); create new arrays in init()",
+        )
+    for key, value in acc_a.items():
+        if value.shape != empty[key].shape or value.dtype != np.float64:
+            fail(
+                label,
+                f"update() changed {key!r} from {empty[key].shape} float64 to "
+                f"{value.shape} {value.dtype}; keep the accumulators' shapes and dtype",
+            )
+    if needs and _same_acc(acc_a, empty):
+        fail(
+            label,
+            f"update() did not change the accumulators although the scorer needs "
+            f"{sorted(needs)}; update must add the observation into `acc` in place",
+        )
+
+    # finalize: shape, finite, no side effects, deterministic
+    before = _copy_acc(acc_a)
+    scores_a = _check_scores(label, scorer.finalize(acc_a), shape, "update()")
+    if not _same_acc(acc_a, before):
+        fail(label, "finalize() modified the accumulators; return a new array")
+    again = _check_scores(label, scorer.finalize(acc_a), shape, "update()")
+    if not np.array_equal(scores_a, again):
+        fail(label, "finalize() gave different scores for the same accumulators")
+
+    if layer_local:
+        one = accumulate([batch_a[min(1, num_layers - 1)]])
+        row = min(1, num_layers - 1)
+        scores = _check_scores(label, scorer.finalize(one), shape, "update()")
+        others = [r for r in range(num_layers) if r != row]
+        if not np.allclose(scores[others], empty_scores[others], rtol=rtol, atol=0):
+            fail(
+                label,
+                f"an observation of layer {row} changed the scores of other layers; use "
+                "obs.layer as the row (or pass layer_local=False if that is intended)",
+            )
+
+    # batching does not matter
+    whole = observations(3, 20)
+    halves = [_slice(o, slice(0, 9)) for o in whole], [_slice(o, slice(9, None)) for o in whole]
+    np_close = _allclose(
+        scorer.finalize(accumulate(whole)), scorer.finalize(accumulate(*halves)), rtol
+    )
+    if not np_close:
+        fail(
+            label,
+            "scores differ when the same tokens arrive in two batches instead of one; "
+            "accumulate sums and counts and divide in finalize()",
+        )
+
+    # combine(a, b) == one accumulation over both
+    combine: Callable = getattr(scorer, "combine", None) or _default_combine
+    acc_b = accumulate(batch_b)
+    copy_a, copy_b = _copy_acc(acc_a), _copy_acc(acc_b)
+    merged = combine(acc_a, acc_b)
+    if not (_same_acc(acc_a, copy_a) and _same_acc(acc_b, copy_b)):
+        fail(label, "combine(a, b) modified its arguments; return new arrays")
+    if not isinstance(merged, dict) or merged.keys() != acc_a.keys():
+        fail(
+            label,
+            f"combine(a, b) must return a dict with the keys of init(), got "
+            f"{type(merged).__name__} {list(merged) if isinstance(merged, dict) else ''}",
+        )
+    expected = scorer.finalize(accumulate(batch_a, batch_b))
+    if not _allclose(scorer.finalize(merged), expected, rtol):
+        how = "the scorer's combine()" if hasattr(scorer, "combine") else "the default sum"
+        fail(
+            label,
+            f"finalize(combine(a, b)) with {how} differs from one accumulation over "
+            "both sets of observations, so merged stats files would be wrong; define "
+            "combine(a, b) (e.g. maximum for a running max)",
+        )
+
+    # the stats file keeps the accumulators
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "stats.npz"
+        save_stats(
+            path,
+            {scorer.name: scores_a},
+            {scorer.name: acc_a},
+            np.zeros(num_layers, dtype=np.int64),
+            {},
+        )
+        loaded = load_stats(path)
+    if scorer.name not in loaded.scores or not _same_acc(
+        loaded.accumulators.get(scorer.name, {}), acc_a
+    ):
+        fail(
+            label,
+            "the accumulators do not survive save_stats/load_stats unchanged (keys "
+            "must be plain strings; every value a float64 array)",
+        )
+    if not _allclose(scorer.finalize(loaded.accumulators[scorer.name]), scores_a, rtol):
+        fail(label, "finalize() of the reloaded accumulators differs from the original scores")
+
+
+def _allclose(a, b, rtol) -> bool:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=rtol, atol=1e-12))
