@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlxfun.cli.app import main
-from mlxfun.core.evaluate import degenerate_reason
+from mlxfun.methods.evaluate import degenerate_reason
 
 from .adapters.test_examples import MIXTRAL, QWEN3_MOE
 from .model_dirs import write_model_dir

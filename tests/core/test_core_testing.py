@@ -345,7 +345,7 @@ def test_the_kit_and_core_import_without_typer_scipy_or_mlx():
         "sys.modules['typer'] = sys.modules['scipy'] = None  # importing them now fails\n"
         "import mlxfun.core, mlxfun.core.plugins, mlxfun.core.stats, mlxfun.core.testing\n"
         "import mlxfun.core.adapter, mlxfun.core.observe, mlxfun.core.hooks, mlxfun.core.models\n"
-        "import mlxfun.core.collect, mlxfun.core.inspect, mlxfun.core.types\n"
+        "import mlxfun.core.collect, mlxfun.core.datasets, mlxfun.core.outputs, mlxfun.core.types\n"
         "heavy = [m for m in ('mlx', 'mlx_lm', 'transformers') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

@@ -1,5 +1,5 @@
 """``mlxfun smoke-test`` and ``mlxfun eval``: does a (pruned) model still work, and how close is
-it to the original? Definitions in ``mlxfun.core.evaluate``."""
+it to the original? Definitions in ``mlxfun.methods.evaluate``."""
 
 import sys
 from pathlib import Path
@@ -26,9 +26,9 @@ def register(app: typer.Typer) -> None:
 
         Exits with status 1 when any output is degenerate (empty, or one token repeated)."""
         from mlxfun.core.errors import MlxfunError
-        from mlxfun.core.evaluate import DEFAULT_PROMPTS
-        from mlxfun.core.evaluate import smoke_test as run_smoke_test
         from mlxfun.core.models import load_model
+        from mlxfun.methods.evaluate import DEFAULT_PROMPTS
+        from mlxfun.methods.evaluate import smoke_test as run_smoke_test
 
         if max_tokens < 1:
             raise MlxfunError("--max-tokens must be at least 1")
@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
         json_output: bool = typer.Option(False, "--json", help="Print JSON."),
     ):
         """Perplexity of each model on the same tokens, and agreement with the first model."""
-        from mlxfun.core.evaluate import evaluate as run_evaluate
+        from mlxfun.methods.evaluate import evaluate as run_evaluate
 
         result = run_evaluate(
             model,

@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
         json_output: bool = typer.Option(False, "--json", help="Print JSON."),
     ):
         """Show MoE layers, experts, top-k, router family, shared experts and sizes."""
-        from mlxfun.core.inspect import describe_model
+        from .inspect_report import describe_model
 
         report = describe_model(model)
         if json_output:

@@ -23,8 +23,7 @@ import time
 from collections import Counter
 
 import numpy as np
-
-from .errors import MlxfunError
+from mlxfun.core.errors import MlxfunError
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -90,8 +89,7 @@ def smoke_test(model, tokenizer, prompts=DEFAULT_PROMPTS, max_tokens: int = 32, 
 def _nll(model, sequences, batch_size: int):
     """Per-position negative log-likelihood and argmax, for every sequence (float64 numpy)."""
     import mlx.core as mx
-
-    from .datasets import batches
+    from mlxfun.core.datasets import batches
 
     nll, top = [], []
     for tokens, mask in batches(sequences, batch_size):
@@ -134,8 +132,8 @@ def evaluate(
     """Perplexity and agreement with the first model, for each model (see the module doc)."""
     import gc
 
-    from .datasets import load_samples, tokenize_samples
-    from .models import load_model
+    from mlxfun.core.datasets import load_samples, tokenize_samples
+    from mlxfun.core.models import load_model
 
     if not model_dirs:
         raise MlxfunError("pass at least one --model")

@@ -1,6 +1,7 @@
-"""What a model is made of: MoE layers, experts, and where its parameters and bytes are."""
+"""What a model is made of (``mlxfun inspect``): MoE layers, experts, and where its parameters
+and bytes are."""
 
-from .config import read_config
+from mlxfun.core.config import read_config
 
 
 def _part(
@@ -70,8 +71,8 @@ def _quantized_bits(model) -> dict[str, int]:
 
 
 def describe_model(model_dir) -> dict:
-    from . import plugins
-    from .models import load_mlx_model
+    from mlxfun.core import plugins
+    from mlxfun.core.models import load_mlx_model
 
     config = read_config(model_dir)
     adapter = plugins.adapter_for_config(config)
