@@ -11,8 +11,10 @@ from pathlib import Path
 
 from .errors import MlxfunError
 
+# How an mlxfun model output was made (method, source, options, versions).
+PROVENANCE_FILE = "mlxfun.json"
 # Every mlxfun model output has it; config.json alone is any model.
-MODEL_OUTPUT_MARKERS = ("mlxfun.json",)
+MODEL_OUTPUT_MARKERS = (PROVENANCE_FILE,)
 _STALE = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<host>\w+)-(?P<pid>\d+)(?:\.npz|\.probe)?")
 
 

@@ -24,8 +24,8 @@ import attrs
 import numpy as np
 from mlxfun.core.adapter import get_path, has_path
 from mlxfun.core.errors import MlxfunError
+from mlxfun.core.outputs import PROVENANCE_FILE
 
-PROVENANCE_FILE = "mlxfun.json"
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npz", ".h5", ".ckpt"}
 
 # Where mlx-lm blocks keep the router's group settings (first found wins).
@@ -275,15 +275,50 @@ class PrunePlan:
 def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
     """Check the request and compute the keep map, the new config and the provenance, writing
     nothing (shared by ``prune`` and the ``ream`` merge)."""
-    from mlxfun.core import nonuniform, plugins, slicing
-    from mlxfun.core.config import read_config
-    from mlxfun.core.outputs import check_output
-    from mlxfun.core.stats import check_fingerprint, load_stats, model_fingerprint
-
-    from .selectors import removal_report
+    from mlxfun.core import plugins, slicing
+    from mlxfun.core.stats import load_stats
 
     source = request.model
-    config = read_config(source)
+    config, adapter = _checked_source(request)
+    selector = plugins.get_selector(request.selector)
+    stats = load_stats(request.stats)
+    scores = stats.score(request.scorer)
+    plans, fingerprint, groups, topk_group = _moe_layout(request, config, adapter, stats)
+    min_keep = _min_keep(request, adapter, plans, groups, topk_group)
+    selection = _select(request, selector, scores, plans, groups, min_keep)
+    headers = slicing.read_headers(source)
+    owner = slicing.assign_tensors(plans, headers)
+    kept = [len(selection.keep[plan.position]) for plan in plans]
+    new_config, model_file = _pruned_config(config, adapter, plans, kept)
+    summary = _summary(request, adapter, scores, plans, selection, groups, headers, owner)
+    provenance = _provenance(
+        request, method, fingerprint, stats, plans, selection, min_keep, groups, summary
+    )
+    return PrunePlan(
+        source=source,
+        config=config,
+        adapter=adapter,
+        stats=stats,
+        scores=np.asarray(scores),
+        plans=plans,
+        selection=selection,
+        owner=owner,
+        new_config=new_config,
+        model_file=model_file,
+        summary=summary,
+        provenance=provenance,
+        skip=_files_not_copied(config),
+    )
+
+
+def _checked_source(request: PruneRequest) -> tuple[dict, object]:
+    """The source model's config and adapter, once the model may be pruned and the output
+    written."""
+    from mlxfun.core import plugins
+    from mlxfun.core.config import read_config
+    from mlxfun.core.outputs import check_output
+
+    config = read_config(request.model)
     adapter = plugins.adapter_for_config(config)
     refusal = getattr(adapter, "prune_unsupported", None)
     if refusal:
@@ -291,27 +326,36 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
     if not request.dry_run:
         if request.output is None:
             raise MlxfunError("pass --output (or --dry-run)")
-        check_output(request.output, request.force, inputs=(source, request.stats))
-    selector = plugins.get_selector(request.selector)
-    stats = load_stats(request.stats)
-    scores = stats.score(request.scorer)
+        check_output(request.output, request.force, inputs=(request.model, request.stats))
+    return config, adapter
 
-    skeleton, _ = slicing.model_skeleton(source)
+
+def _moe_layout(request: PruneRequest, config: dict, adapter, stats) -> tuple:
+    """``(plans, fingerprint, n_group, topk_group)`` of the source's MoE layers, once the stats
+    are known to come from this model."""
+    from mlxfun.core import slicing
+    from mlxfun.core.stats import check_fingerprint, model_fingerprint
+
+    skeleton, _ = slicing.model_skeleton(request.model)
     plans = slicing.layer_plans(skeleton, adapter)
     if not plans:
-        raise MlxfunError(f"{adapter.name}: found no MoE layers in {source}")
+        raise MlxfunError(f"{adapter.name}: found no MoE layers in {request.model}")
     moe_layers = adapter.moe_layers(skeleton)
     # from the MoE layers (not the plans) so the fingerprint holds the expert tensor shapes
     fingerprint = model_fingerprint(config, moe_layers)
     check_fingerprint(stats, fingerprint, request.stats)
-    layer_indices = [plan.index for plan in plans]
 
     blocks = {layer.position: layer.block for layer in moe_layers}
     group_settings = {router_groups(adapter, blocks[p.position]) for p in plans}
     if len(group_settings) != 1:
         raise MlxfunError(f"{adapter.name}: MoE layers disagree on their router groups")
     groups, topk_group = group_settings.pop()
+    return plans, fingerprint, groups, topk_group
 
+
+def _min_keep(request: PruneRequest, adapter, plans, groups: int, topk_group: int) -> list[int]:
+    """The fewest experts each layer may keep: top-k, ``--min-keep``, the adapter's floor, and
+    for group-limited routers two per group and top-k within the best ``topk_group`` groups."""
     top_k = [plan.top_k for plan in plans]
     if request.min_keep is not None:
         low = [k for k in top_k if request.min_keep < k]
@@ -327,9 +371,14 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
         if groups > 1:
             keep = max(keep, 2 * groups, groups * math.ceil(k / topk_group))
         min_keep.append(keep)
+    return min_keep
 
+
+def _select(request: PruneRequest, selector, scores, plans, groups: int, min_keep: list[int]):
+    """The selector's keep map, checked before anything is written."""
+    layer_indices = [plan.index for plan in plans]
     options = {
-        "top_k": top_k,
+        "top_k": [plan.top_k for plan in plans],
         "min_keep": min_keep,
         "num_experts": [plan.num_experts for plan in plans],
         "protect": _to_positions(request.protect, layer_indices, "--protect"),
@@ -344,11 +393,14 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
         options["ratio"] = request.ratio
     selection = selector.select(np.asarray(scores), **options)
     _validate(selection, plans, groups, request.selector)
+    return selection
 
-    headers = slicing.read_headers(source)
-    owner = slicing.assign_tensors(plans, headers)
-    kept = [len(selection.keep[plan.position]) for plan in plans]
-    uniform = len(set(kept)) == 1
+
+def _pruned_config(config: dict, adapter, plans, kept: list[int]) -> tuple[dict, str | None]:
+    """``(config, model file source or None)`` of the pruned model: uniform counts edit the
+    expert-count keys, different counts per layer need mlxfun's non-uniform model file."""
+    from mlxfun.core import nonuniform
+
     keys = nonuniform.present_keys(config, adapter.num_experts_keys)
     for count in sorted(set(kept)):
         if not adapter.matches(nonuniform.uniform_config(config, keys, count)):
@@ -356,31 +408,38 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
                 f"{adapter.name}: a layer with {count} experts is no longer an MoE layer for "
                 f"mlx-lm; keep more experts (--min-keep)"
             )
+    if len(set(kept)) == 1:
+        return nonuniform.uniform_config(config, keys, kept[0]), None
+    modules = [plan.module for plan in plans]
+    if len(set(modules)) != len(modules):
+        raise MlxfunError(
+            f"{adapter.name}: several MoE layers share the module {modules[0]}; a "
+            "non-uniform keep map cannot be built for it; use a per-layer selector"
+        )
     layers_spec = [
         {"layer": plan.index, "module": plan.module, "num_experts": count}
         for plan, count in zip(plans, kept)
     ]
-    if uniform:
-        new_config, model_file = nonuniform.uniform_config(config, keys, kept[0]), None
-    else:
-        modules = [plan.module for plan in plans]
-        if len(set(modules)) != len(modules):
-            raise MlxfunError(
-                f"{adapter.name}: several MoE layers share the module {modules[0]}; a "
-                "non-uniform keep map cannot be built for it; use a per-layer selector"
-            )
-        new_config, model_file = nonuniform.nonuniform_config(config, keys, layers_spec)
+    return nonuniform.nonuniform_config(config, keys, layers_spec)
 
+
+def _summary(request: PruneRequest, adapter, scores, plans, selection, groups, headers, owner):
+    """What the command prints: counts, sizes (estimated from the headers; ``finish_summary``
+    sets the written ones) and the removal report per layer."""
+    from mlxfun.core import slicing
+
+    from .selectors import removal_report
+
+    kept = [len(selection.keep[plan.position]) for plan in plans]
     before, after = slicing.size_after(headers, owner, selection.keep)
-    rows = removal_report(selection, scores, layer_indices)
-    summary = {
-        "model": str(source),
+    return {
+        "model": str(request.model),
         "output": None if request.output is None else str(request.output),
         "dry_run": request.dry_run,
         "adapter": adapter.name,
         "scorer": request.scorer,
         "selector": request.selector,
-        "uniform": uniform,
+        "uniform": len(set(kept)) == 1,
         "groups": groups,
         "removed": selection.total_removed,
         "experts_before": sum(plan.num_experts for plan in plans),
@@ -388,9 +447,17 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
         "bytes_before": before,
         "bytes_after": after,
         "bytes_saved": before - after,
-        "layers": rows,
+        "layers": removal_report(selection, scores, [plan.index for plan in plans]),
         "keep": {str(plan.index): selection.keep[plan.position] for plan in plans},
     }
+
+
+def _provenance(
+    request: PruneRequest, method, fingerprint, stats, plans, selection, min_keep, groups, summary
+) -> dict:
+    """The output's mlxfun.json: how it was made, from what, and the source's own provenance
+    when the source is itself an mlxfun output."""
+    source = request.model
     provenance = {
         "mlxfun_version": _versions().get("mlxfun-core"),
         "method": method,
@@ -415,10 +482,10 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
             "normalize": request.normalize,
             "groups": groups,
         },
-        "uniform": uniform,
-        "moe_layers": layer_indices,
+        "uniform": summary["uniform"],
+        "moe_layers": [plan.index for plan in plans],
         "experts_before": [plan.num_experts for plan in plans],
-        "experts_after": kept,
+        "experts_after": [len(selection.keep[plan.position]) for plan in plans],
         "keep": summary["keep"],
         "removed": {str(plan.index): selection.removed[plan.position] for plan in plans},
         "versions": _versions(),
@@ -429,24 +496,17 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
             provenance["source_provenance"] = json.loads(previous.read_text())
         except json.JSONDecodeError:
             pass
+    return provenance
+
+
+def _files_not_copied(config: dict) -> set[str]:
+    """Source files that the pruned output writes anew rather than copies."""
+    from mlxfun.core import slicing
+
     skip = {"config.json", PROVENANCE_FILE, slicing.INDEX_FILE}
     if config.get("model_file"):
         skip.add(str(config["model_file"]))
-    return PrunePlan(
-        source=source,
-        config=config,
-        adapter=adapter,
-        stats=stats,
-        scores=np.asarray(scores),
-        plans=plans,
-        selection=selection,
-        owner=owner,
-        new_config=new_config,
-        model_file=model_file,
-        summary=summary,
-        provenance=provenance,
-        skip=skip,
-    )
+    return skip
 
 
 def write_pruned(plan: "PrunePlan", directory: Path) -> dict:
