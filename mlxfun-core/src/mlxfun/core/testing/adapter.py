@@ -49,12 +49,22 @@ def check_adapter(
     """
     import mlx.core as mx
 
-    from ..adapter import get_path, has_path
-    from ..hooks import call_hooks
-    from ..observe import Observer, RoutingMismatch
-
     check_plugin("adapter", adapter)
     label = plugin_label("adapter", adapter)
+    _check_declares(label, adapter, model_type, config)
+    layers = _checked_layers(label, adapter, model)
+    if tokens is None:
+        ids = np.random.default_rng(0).integers(0, min(_vocab_size(model), 256), (2, 12))
+        tokens = mx.array(ids.astype(np.int32))
+    observations = _observed_forward(label, adapter, model, tokens)
+    _check_observations(label, layers, observations, int(np.prod(tokens.shape)))
+    if check_weights:
+        _check_block_outputs(label, adapter, model, layers, observations, tokens, atol)
+    return observations
+
+
+def _check_declares(label: str, adapter, model_type: str, config: dict | None) -> None:
+    """``model_type`` is declared and ``matches`` accepts ``config``."""
     if model_type not in adapter.model_types:
         fail(
             label,
@@ -64,6 +74,11 @@ def check_adapter(
     config = {"model_type": model_type} if config is None else config
     if not adapter.matches(config):
         fail(label, f"matches() rejects the config {config!r}")
+
+
+def _checked_layers(label: str, adapter, model) -> list:
+    """``moe_layers(model)``: at least one, in forward order, each fully described."""
+    from ..adapter import get_path
 
     layers = adapter.moe_layers(model)
     if not isinstance(layers, list) or not layers:
@@ -84,10 +99,16 @@ def check_adapter(
             fail(label, f"{where}: num_experts {layer.num_experts!r} must be a positive int")
         if not (isinstance(layer.top_k, int) and 1 <= layer.top_k <= layer.num_experts):
             fail(label, f"{where}: top_k {layer.top_k!r} must be in 1..{layer.num_experts}")
+    return layers
 
-    if tokens is None:
-        ids = np.random.default_rng(0).integers(0, min(_vocab_size(model), 256), (2, 12))
-        tokens = mx.array(ids.astype(np.int32))
+
+def _observed_forward(label: str, adapter, model, tokens) -> list:
+    """The observations of one forward, which must equal the plain forward bit for bit, leave
+    the model's classes as they were, and route as the blocks did."""
+    import mlx.core as mx
+
+    from ..observe import Observer, RoutingMismatch
+
     classes = [type(m) for _, m in model.named_modules()]
     plain = model(tokens)
     observer = Observer(model, adapter, ALL_NEEDS)
@@ -99,14 +120,18 @@ def check_adapter(
     if plain.shape != hooked.shape or not mx.array_equal(plain, hooked).item():
         fail(label, "the observed forward differs from the plain one; hooks must only read")
     try:
-        observations = observer.observations()
+        return observer.observations()
     except RoutingMismatch as exc:
         fail(
             label,
             f"routing does not match the model: {exc}; route() must repeat the "
             "block's own router computation",
         )
-    num_tokens = int(np.prod(tokens.shape))
+
+
+def _check_observations(label: str, layers, observations, num_tokens: int) -> None:
+    """Every layer's selection, gate weights and logits have the shapes of its top-k and
+    expert count."""
     for layer, obs in zip(layers, observations):
         where = f"MoE layer {layer.position} ({layer.path})"
         if obs.selected.shape != (num_tokens, layer.top_k):
@@ -124,39 +149,46 @@ def check_adapter(
                 f"{(num_tokens, layer.num_experts)}; the router must score every expert",
             )
 
-    if check_weights:
-        seen = {}
 
-        def recorder(position):
-            def wrapper(module, call, x, *args, **kwargs):
-                out = call(x, *args, **kwargs)
-                seen[position] = (x, out)
-                return out
+def _check_block_outputs(label, adapter, model, layers, observations, tokens, atol) -> None:
+    """Every block's output is the sum of gate weight times expert output over its selected
+    experts, plus the ungated shared experts."""
+    import mlx.core as mx
 
-            return wrapper
+    from ..adapter import get_path, has_path
+    from ..hooks import call_hooks
 
-        with call_hooks([(layer.block, recorder(layer.position)) for layer in layers]):
-            mx.eval(model(tokens))
-        for layer, obs in zip(layers, observations):
-            x, out = seen[layer.position]
-            rebuilt = np.einsum(
-                "tk,tkh->th", obs.weights.astype(np.float64), obs.outputs.astype(np.float64)
+    seen = {}
+
+    def recorder(position):
+        def wrapper(module, call, x, *args, **kwargs):
+            out = call(x, *args, **kwargs)
+            seen[position] = (x, out)
+            return out
+
+        return wrapper
+
+    with call_hooks([(layer.block, recorder(layer.position)) for layer in layers]):
+        mx.eval(model(tokens))
+    for layer, obs in zip(layers, observations):
+        x, out = seen[layer.position]
+        rebuilt = np.einsum(
+            "tk,tkh->th", obs.weights.astype(np.float64), obs.outputs.astype(np.float64)
+        )
+        for attr in getattr(adapter, "shared_attrs", ()):
+            if not has_path(layer.block, attr):  # shared experts can be configured away
+                continue
+            shared = get_path(layer.block, attr)(x).astype(mx.float32)
+            rebuilt += np.array(shared, dtype=np.float64).reshape(rebuilt.shape)
+        actual = np.array(out.astype(mx.float32), dtype=np.float64).reshape(rebuilt.shape)
+        scale = max(1.0, float(np.abs(actual).max()))
+        error = float(np.abs(actual - rebuilt).max())
+        if error > atol * scale:
+            fail(
+                label,
+                f"MoE layer {layer.position} ({layer.path}): the block's output is "
+                f"not sum(weight * expert output) + shared experts (max difference "
+                f"{error:.3g}); the weights route() returns must be the factors the "
+                "block multiplies (renormalisation, scaling); pass check_weights=False "
+                "for blocks that gate their shared experts",
             )
-            for attr in getattr(adapter, "shared_attrs", ()):
-                if not has_path(layer.block, attr):  # shared experts can be configured away
-                    continue
-                shared = get_path(layer.block, attr)(x).astype(mx.float32)
-                rebuilt += np.array(shared, dtype=np.float64).reshape(rebuilt.shape)
-            actual = np.array(out.astype(mx.float32), dtype=np.float64).reshape(rebuilt.shape)
-            scale = max(1.0, float(np.abs(actual).max()))
-            error = float(np.abs(actual - rebuilt).max())
-            if error > atol * scale:
-                fail(
-                    label,
-                    f"MoE layer {layer.position} ({layer.path}): the block's output is "
-                    f"not sum(weight * expert output) + shared experts (max difference "
-                    f"{error:.3g}); the weights route() returns must be the factors the "
-                    "block multiplies (renormalisation, scaling); pass check_weights=False "
-                    "for blocks that gate their shared experts",
-                )
-    return observations

@@ -73,14 +73,89 @@ def check_scorer(
     - with ``layer_local`` (the default), observations of one layer change only that layer's
       row of scores.
     """
-    from ..stats import load_stats, save_stats
-
     check_plugin("scorer", scorer)
-    label = plugin_label("scorer", scorer)
-    shape = (num_layers, num_experts)
-    needs = frozenset(scorer.needs)
+    trial = _Trial(
+        scorer,
+        plugin_label("scorer", scorer),
+        num_layers,
+        num_experts,
+        top_k,
+        frozenset(scorer.needs),
+    )
+    empty, empty_scores = _check_init(trial)
+    batch_a, batch_b = trial.observations(1, 12), trial.observations(2, 7)
+    acc_a = _check_update(trial, batch_a, empty)
+    scores_a = _check_finalize(trial, acc_a)
+    if layer_local:
+        _check_layer_local(trial, batch_a, empty_scores, rtol)
+    _check_batching(trial, rtol)
+    _check_combine(trial, acc_a, batch_a, batch_b, rtol)
+    _check_stats_file(trial, acc_a, scores_a, rtol)
 
-    acc = scorer.init(num_layers, num_experts)
+
+@attrs.frozen
+class _Trial:
+    """One scorer under test: synthetic observations for it, and accumulations of them that
+    fail with a message when ``update`` misbehaves."""
+
+    scorer: object
+    label: str
+    num_layers: int
+    num_experts: int
+    top_k: int
+    needs: frozenset
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_layers, self.num_experts)
+
+    def observations(self, seed: int, tokens: int) -> list[LayerObservation]:
+        """One observation per layer, with only what the scorer needs; the last expert is
+        never routed to."""
+        return [
+            make_observation(
+                layer,
+                self.num_experts,
+                tokens + 3 * layer,
+                self.top_k,
+                self.needs | {"selected", "weights"},
+                seed=seed * 100 + layer,
+                never_routed=(self.num_experts - 1,),
+            )
+            for layer in range(self.num_layers)
+        ]
+
+    def accumulate(self, *batches) -> dict:
+        result = self.scorer.init(*self.shape)
+        for batch in batches:
+            for obs in batch:
+                try:
+                    returned = self.scorer.update(result, obs)
+                except (AttributeError, TypeError) as exc:
+                    missing = [f for f in ("norms", "logits", "outputs") if getattr(obs, f) is None]
+                    fail(
+                        self.label,
+                        f"update() failed with {type(exc).__name__}: {exc}; an observation "
+                        f"has only selected, weights and what `needs` lists "
+                        f"({sorted(self.needs)}), here not: {', '.join(missing)}",
+                    )
+                if returned is not None and returned is not result:
+                    fail(
+                        self.label,
+                        "update() returned new accumulators; mlxfun ignores what it returns, "
+                        "so change `acc` in place",
+                    )
+        return result
+
+    def scores(self, acc, what: str) -> np.ndarray:
+        return _check_scores(self.label, self.scorer.finalize(acc), self.shape, what)
+
+
+def _check_init(trial: _Trial) -> tuple[dict, np.ndarray]:
+    """``init`` gives a dict of float64 arrays under plain string keys; returns a copy of them
+    and their scores."""
+    label = trial.label
+    acc = trial.scorer.init(trial.num_layers, trial.num_experts)
     if not isinstance(acc, dict):
         fail(label, f"init() must return a dict of numpy arrays, got {type(acc).__name__}")
     for key, value in acc.items():
@@ -93,106 +168,81 @@ def check_scorer(
                 f"{getattr(value, 'dtype', type(value).__name__)}",
             )
     empty = _copy_acc(acc)
-    empty_scores = _check_scores(label, scorer.finalize(scorer.init(*shape)), shape, "init()")
+    return empty, trial.scores(trial.scorer.init(*trial.shape), "init()")
 
-    def observations(seed, tokens):
-        return [
-            make_observation(
-                layer,
-                num_experts,
-                tokens + 3 * layer,
-                top_k,
-                needs | {"selected", "weights"},
-                seed=seed * 100 + layer,
-                never_routed=(num_experts - 1,),
-            )
-            for layer in range(num_layers)
-        ]
 
-    def accumulate(*batches):
-        result = scorer.init(*shape)
-        for batch in batches:
-            for obs in batch:
-                try:
-                    returned = scorer.update(result, obs)
-                except (AttributeError, TypeError) as exc:
-                    missing = [f for f in ("norms", "logits", "outputs") if getattr(obs, f) is None]
-                    fail(
-                        label,
-                        f"update() failed with {type(exc).__name__}: {exc}; an observation "
-                        f"has only selected, weights and what `needs` lists ({sorted(needs)}), "
-                        f"here not: {', '.join(missing)}",
-                    )
-                if returned is not None and returned is not result:
-                    fail(
-                        label,
-                        "update() returned new accumulators; mlxfun ignores what it returns, "
-                        "so change `acc` in place",
-                    )
-        return result
-
-    batch_a, batch_b = observations(1, 12), observations(2, 7)
-
-    # init gives fresh arrays, update mutates them in place
-    other = scorer.init(*shape)
-    acc_a = accumulate(batch_a)
+def _check_update(trial: _Trial, batch, empty: dict) -> dict:
+    """``init`` gives fresh arrays and ``update`` changes them in place, keeping shapes and
+    dtype; returns the accumulators of ``batch``."""
+    label = trial.label
+    other = trial.scorer.init(*trial.shape)
+    acc = trial.accumulate(batch)
     if not _same_acc(other, empty):
         fail(
             label,
             "init() returned arrays shared between calls (updating one accumulator "
             "changed another); create new arrays in init()",
         )
-    for key, value in acc_a.items():
+    for key, value in acc.items():
         if value.shape != empty[key].shape or value.dtype != np.float64:
             fail(
                 label,
                 f"update() changed {key!r} from {empty[key].shape} float64 to "
                 f"{value.shape} {value.dtype}; keep the accumulators' shapes and dtype",
             )
-    if needs and _same_acc(acc_a, empty):
+    if trial.needs and _same_acc(acc, empty):
         fail(
             label,
             f"update() did not change the accumulators although the scorer needs "
-            f"{sorted(needs)}; update must add the observation into `acc` in place",
+            f"{sorted(trial.needs)}; update must add the observation into `acc` in place",
+        )
+    return acc
+
+
+def _check_finalize(trial: _Trial, acc: dict) -> np.ndarray:
+    """``finalize``: the right shape, finite, no side effects, deterministic."""
+    before = _copy_acc(acc)
+    scores = trial.scores(acc, "update()")
+    if not _same_acc(acc, before):
+        fail(trial.label, "finalize() modified the accumulators; return a new array")
+    again = trial.scores(acc, "update()")
+    if not np.array_equal(scores, again):
+        fail(trial.label, "finalize() gave different scores for the same accumulators")
+    return scores
+
+
+def _check_layer_local(trial: _Trial, batch, empty_scores: np.ndarray, rtol: float) -> None:
+    """Observations of one layer change only that layer's row of scores."""
+    row = min(1, trial.num_layers - 1)
+    scores = trial.scores(trial.accumulate([batch[row]]), "update()")
+    others = [r for r in range(trial.num_layers) if r != row]
+    if not np.allclose(scores[others], empty_scores[others], rtol=rtol, atol=0):
+        fail(
+            trial.label,
+            f"an observation of layer {row} changed the scores of other layers; use "
+            "obs.layer as the row (or pass layer_local=False if that is intended)",
         )
 
-    # finalize: shape, finite, no side effects, deterministic
-    before = _copy_acc(acc_a)
-    scores_a = _check_scores(label, scorer.finalize(acc_a), shape, "update()")
-    if not _same_acc(acc_a, before):
-        fail(label, "finalize() modified the accumulators; return a new array")
-    again = _check_scores(label, scorer.finalize(acc_a), shape, "update()")
-    if not np.array_equal(scores_a, again):
-        fail(label, "finalize() gave different scores for the same accumulators")
 
-    if layer_local:
-        one = accumulate([batch_a[min(1, num_layers - 1)]])
-        row = min(1, num_layers - 1)
-        scores = _check_scores(label, scorer.finalize(one), shape, "update()")
-        others = [r for r in range(num_layers) if r != row]
-        if not np.allclose(scores[others], empty_scores[others], rtol=rtol, atol=0):
-            fail(
-                label,
-                f"an observation of layer {row} changed the scores of other layers; use "
-                "obs.layer as the row (or pass layer_local=False if that is intended)",
-            )
-
-    # batching does not matter
-    whole = observations(3, 20)
+def _check_batching(trial: _Trial, rtol: float) -> None:
+    """The same tokens in two batches give the scores of one batch."""
+    whole = trial.observations(3, 20)
     halves = [_slice(o, slice(0, 9)) for o in whole], [_slice(o, slice(9, None)) for o in whole]
-    np_close = _allclose(
-        scorer.finalize(accumulate(whole)), scorer.finalize(accumulate(*halves)), rtol
-    )
-    if not np_close:
+    finalize = trial.scorer.finalize
+    if not _allclose(finalize(trial.accumulate(whole)), finalize(trial.accumulate(*halves)), rtol):
         fail(
-            label,
+            trial.label,
             "scores differ when the same tokens arrive in two batches instead of one; "
             "accumulate sums and counts and divide in finalize()",
         )
 
-    # combine(a, b) == one accumulation over both
+
+def _check_combine(trial: _Trial, acc_a: dict, batch_a, batch_b, rtol: float) -> None:
+    """``combine(a, b)`` (default: the sum) leaves ``a`` and ``b`` alone and equals one
+    accumulation over both."""
+    scorer, label = trial.scorer, trial.label
     combine: Callable = getattr(scorer, "combine", None) or _default_combine
-    acc_b = accumulate(batch_b)
+    acc_b = trial.accumulate(batch_b)
     copy_a, copy_b = _copy_acc(acc_a), _copy_acc(acc_b)
     merged = combine(acc_a, acc_b)
     if not (_same_acc(acc_a, copy_a) and _same_acc(acc_b, copy_b)):
@@ -203,7 +253,7 @@ def check_scorer(
             f"combine(a, b) must return a dict with the keys of init(), got "
             f"{type(merged).__name__} {list(merged) if isinstance(merged, dict) else ''}",
         )
-    expected = scorer.finalize(accumulate(batch_a, batch_b))
+    expected = scorer.finalize(trial.accumulate(batch_a, batch_b))
     if not _allclose(scorer.finalize(merged), expected, rtol):
         how = "the scorer's combine()" if hasattr(scorer, "combine") else "the default sum"
         fail(
@@ -213,26 +263,31 @@ def check_scorer(
             "combine(a, b) (e.g. maximum for a running max)",
         )
 
-    # the stats file keeps the accumulators
+
+def _check_stats_file(trial: _Trial, acc: dict, scores: np.ndarray, rtol: float) -> None:
+    """The accumulators survive ``save_stats``/``load_stats`` and give the same scores."""
+    from ..stats import load_stats, save_stats
+
+    scorer, label = trial.scorer, trial.label
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "stats.npz"
         save_stats(
             path,
-            {scorer.name: scores_a},
-            {scorer.name: acc_a},
-            np.zeros(num_layers, dtype=np.int64),
+            {scorer.name: scores},
+            {scorer.name: acc},
+            np.zeros(trial.num_layers, dtype=np.int64),
             {},
         )
         loaded = load_stats(path)
     if scorer.name not in loaded.scores or not _same_acc(
-        loaded.accumulators.get(scorer.name, {}), acc_a
+        loaded.accumulators.get(scorer.name, {}), acc
     ):
         fail(
             label,
             "the accumulators do not survive save_stats/load_stats unchanged (keys "
             "must be plain strings; every value a float64 array)",
         )
-    if not _allclose(scorer.finalize(loaded.accumulators[scorer.name]), scores_a, rtol):
+    if not _allclose(scorer.finalize(loaded.accumulators[scorer.name]), scores, rtol):
         fail(label, "finalize() of the reloaded accumulators differs from the original scores")
 
 
