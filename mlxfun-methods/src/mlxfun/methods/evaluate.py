@@ -132,7 +132,7 @@ def evaluate(
     """Perplexity and agreement with the first model, for each model (see the module doc)."""
     import gc
 
-    from mlxfun.core.datasets import load_samples, tokenize_samples
+    from mlxfun.core.datasets import load_samples
     from mlxfun.core.models import load_model
 
     if not model_dirs:
@@ -151,23 +151,12 @@ def evaluate(
             progress(f"evaluating {model_dir}")
         model, tokenizer, config = load_model(model_dir)
         if sequences is None:
-            sequences = [s for s in tokenize_samples(samples, tokenizer, max_tokens) if len(s) >= 2]
-            if not sequences:
-                raise MlxfunError("the dataset has no sample of at least 2 tokens")
+            sequences = _eval_sequences(samples, tokenizer, max_tokens)
             tokens = sum(len(s) - 1 for s in sequences)
-        vocab = _vocab_size(model)
-        highest = max(max(s) for s in sequences)
-        if vocab is not None and highest >= vocab:
-            raise MlxfunError(
-                f"{model_dir} has a vocabulary of {vocab} tokens but the first model's tokenizer "
-                f"produced token {highest}; compare models that share a tokenizer"
-            )
+        _check_vocabulary(model, model_dir, sequences)
         start = time.perf_counter()
         nll, top = _nll(model, sequences, batch_size)
-        prompts = [s[:prompt_tokens] for s in sequences if len(s) > prompt_tokens] or [
-            s[: max(1, len(s) // 2)] for s in sequences
-        ]
-        greedy = [_greedy(model, p, gen_tokens) for p in prompts]
+        greedy = [_greedy(model, p, gen_tokens) for p in _prompts(sequences, prompt_tokens)]
         seconds = time.perf_counter() - start
         mean_nll = float(np.concatenate(nll).mean())
         row = {
@@ -181,18 +170,7 @@ def evaluate(
             reference = {"top": top, "greedy": greedy}
             row.update(top1_agreement=1.0, greedy_agreement=1.0, greedy_prefix=float(gen_tokens))
         else:
-            same = sum(int((a == b).sum()) for a, b in zip(top, reference["top"]))
-            row["top1_agreement"] = same / max(tokens, 1)
-            matches, prefixes = 0, []
-            for ours, theirs in zip(greedy, reference["greedy"]):
-                matches += sum(int(a == b) for a, b in zip(ours, theirs))
-                prefix = 0
-                while prefix < min(len(ours), len(theirs)) and ours[prefix] == theirs[prefix]:
-                    prefix += 1
-                prefixes.append(prefix)
-            total = sum(len(g) for g in reference["greedy"])
-            row["greedy_agreement"] = matches / max(total, 1)
-            row["greedy_prefix"] = float(np.mean(prefixes))
+            row.update(_agreement(top, greedy, reference, tokens))
         rows.append(row)
         del model, tokenizer, config
         gc.collect()
@@ -203,6 +181,52 @@ def evaluate(
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
         "models": rows,
+    }
+
+
+def _eval_sequences(samples, tokenizer, max_tokens: int) -> list[list[int]]:
+    """The samples' token ids (the first model's tokenizer), those with a next token to score."""
+    from mlxfun.core.datasets import tokenize_samples
+
+    sequences = [s for s in tokenize_samples(samples, tokenizer, max_tokens) if len(s) >= 2]
+    if not sequences:
+        raise MlxfunError("the dataset has no sample of at least 2 tokens")
+    return sequences
+
+
+def _check_vocabulary(model, model_dir, sequences) -> None:
+    vocab = _vocab_size(model)
+    highest = max(max(s) for s in sequences)
+    if vocab is not None and highest >= vocab:
+        raise MlxfunError(
+            f"{model_dir} has a vocabulary of {vocab} tokens but the first model's tokenizer "
+            f"produced token {highest}; compare models that share a tokenizer"
+        )
+
+
+def _prompts(sequences, prompt_tokens: int) -> list[list[int]]:
+    """The first ``prompt_tokens`` of each longer sample; the first half of every sample when
+    none is longer."""
+    return [s[:prompt_tokens] for s in sequences if len(s) > prompt_tokens] or [
+        s[: max(1, len(s) // 2)] for s in sequences
+    ]
+
+
+def _agreement(top, greedy, reference: dict, tokens: int) -> dict:
+    """Top-1 and greedy agreement with the reference model, and the mean identical prefix."""
+    same = sum(int((a == b).sum()) for a, b in zip(top, reference["top"]))
+    matches, prefixes = 0, []
+    for ours, theirs in zip(greedy, reference["greedy"]):
+        matches += sum(int(a == b) for a, b in zip(ours, theirs))
+        prefix = 0
+        while prefix < min(len(ours), len(theirs)) and ours[prefix] == theirs[prefix]:
+            prefix += 1
+        prefixes.append(prefix)
+    total = sum(len(g) for g in reference["greedy"])
+    return {
+        "top1_agreement": same / max(tokens, 1),
+        "greedy_agreement": matches / max(total, 1),
+        "greedy_prefix": float(np.mean(prefixes)),
     }
 
 

@@ -606,84 +606,129 @@ def merge(request: MergeRequest) -> dict:
 def _merge_into(plan, directory: Path, samples, request: MergeRequest) -> dict:
     """Load the pruned model from ``directory``, then merge layer by layer into its shards and
     into the loaded model."""
-    import mlx.core as mx
     from mlxfun.core import slicing
-    from mlxfun.core.datasets import tokenize_samples
     from mlxfun.core.models import load_model
-    from tqdm import tqdm
 
-    adapter = plan.adapter
     model, tokenizer, _ = load_model(directory)
-    sequences = token_sample(
-        tokenize_samples(samples, tokenizer, request.max_tokens), request.max_tokens
-    )
+    sequences = _calibration_tokens(samples, tokenizer, request)
     total_tokens = sum(len(s) for s in sequences)
-    if total_tokens == 0:
-        raise MlxfunError("the --dataset text gave no tokens")
-    mem_layers = adapter.moe_layers(model)
-    source_headers = slicing.read_headers(plan.source)
-    out_headers = slicing.read_headers(directory)
+    mem_layers = plan.adapter.moe_layers(model)
     rng = np.random.default_rng(request.seed)
-    align_index = np.sort(rng.permutation(total_tokens)[: request.align_tokens])
+    run = _MergeRun(
+        plan=plan,
+        request=request,
+        model=model,
+        directory=directory,
+        source_headers=slicing.read_headers(plan.source),
+        out_headers=slicing.read_headers(directory),
+        sequences=sequences,
+        align_index=np.sort(rng.permutation(total_tokens)[: request.align_tokens]),
+    )
     groups_out, saliency_out, rows, timings = {}, {}, [], []
     quantization = None
     for plan_layer, mem_layer in zip(plan.plans, mem_layers):
-        position, keep = plan_layer.position, plan.selection.keep[plan_layer.position]
-        experts = mem_layer.experts
-        kind = expert_kind(experts)
-        quantization = quantization or _quantization(experts)
-        saliency = np.asarray(plan.scores[position, : plan_layer.num_experts], dtype=np.float64)
-        names = [n for n, p in plan.owner.items() if p is plan_layer]
-        started = time.perf_counter()
-        bar = tqdm(
-            total=3,
-            desc=f"merge layer {plan_layer.index}",
-            disable=not request.progress,
-            dynamic_ncols=True,
-            leave=False,
+        keep = plan.selection.keep[plan_layer.position]
+        quantization = quantization or _quantization(mem_layer.experts)
+        saliency = np.asarray(
+            plan.scores[plan_layer.position, : plan_layer.num_experts], dtype=np.float64
         )
-        with bar:
-            x = layer_inputs(model, mem_layer.block, sequences, request.batch_size)
-            bar.update(1)
-            tensors = _source_tensors(plan.source, source_headers, names)
-            weights = _dequantized_experts(tensors, plan_layer.prefixes[0], experts)
-            activation = experts.activation
-            _check_elementwise(kind, activation, int(weights[next(iter(weights))].shape[1]))
-            _check_formula(adapter, mem_layer, kind, activation, weights, keep, x)
-            logits, probs = full_router_scores(model, adapter, mem_layer, plan_layer, tensors, x)
-            bar.update(1)
-            means, logits_np = layer_statistics(
-                kind, activation, weights, x, logits, probs, plan_layer.num_experts
-            )
-            similarity = expert_similarity(means, logits_np)
-            groups = group_experts(similarity, saliency, keep, request.group_size)
-            bar.total = 3 + sum(1 for members in groups.values() if members)
-            bar.update(1)
-            x_align = x[mx.array(align_index)] if len(align_index) < x.shape[0] else x
-            merged, _ = merge_layer(
-                kind, activation, weights, groups, saliency, x_align, bar.update
-            )
-            _apply(model, experts, plan_layer, keep, merged, directory, out_headers)
+        started = time.perf_counter()
+        groups = _merge_layer_into(run, plan_layer, mem_layer, saliency)
         elapsed = time.perf_counter() - started
         timings.append(round(elapsed, 4))
         groups_out[str(plan_layer.index)] = {str(c): m for c, m in groups.items()}
         saliency_out[str(plan_layer.index)] = [float(s) for s in saliency]
-        sizes = sorted((len(m) + 1 for m in groups.values()), reverse=True)
-        absorbed = sum(len(m) for m in groups.values())
-        rows.append(
-            {
-                "layer": plan_layer.index,
-                "experts": plan_layer.num_experts,
-                "kept": len(keep),
-                "merged_groups": sum(1 for m in groups.values() if m),
-                "absorbed": absorbed,
-                "dropped": plan_layer.num_experts - len(keep) - absorbed,
-                "group_sizes": ",".join(str(s) for s in sizes if s > 1) or "-",
-                "seconds": round(elapsed, 2),
-            }
+        rows.append(_layer_row(plan_layer, keep, groups, elapsed))
+    del model, run
+    provenance = _ream_provenance(request, total_tokens, groups_out, saliency_out, quantization)
+    return {"provenance": provenance, "rows": rows, "timings": timings}
+
+
+@attrs.define(kw_only=True)
+class _MergeRun:
+    """What every layer's merge reads: the plan and request, the pruned model loaded from the
+    output directory, both checkpoints' headers and the calibration tokens."""
+
+    plan: object
+    request: MergeRequest
+    model: object
+    directory: Path
+    source_headers: dict
+    out_headers: dict
+    sequences: list
+    align_index: np.ndarray
+
+
+def _calibration_tokens(samples, tokenizer, request: MergeRequest) -> list[list[int]]:
+    from mlxfun.core.datasets import tokenize_samples
+
+    sequences = token_sample(
+        tokenize_samples(samples, tokenizer, request.max_tokens), request.max_tokens
+    )
+    if sum(len(s) for s in sequences) == 0:
+        raise MlxfunError("the --dataset text gave no tokens")
+    return sequences
+
+
+def _merge_layer_into(run: _MergeRun, plan_layer, mem_layer, saliency: np.ndarray) -> dict:
+    """Group one layer's experts around the kept ones and merge each group into its centroid,
+    in the output shards and in the loaded model; returns the groups."""
+    import mlx.core as mx
+    from tqdm import tqdm
+
+    plan, request, model = run.plan, run.request, run.model
+    adapter, keep = plan.adapter, plan.selection.keep[plan_layer.position]
+    experts = mem_layer.experts
+    kind = expert_kind(experts)
+    names = [n for n, p in plan.owner.items() if p is plan_layer]
+    bar = tqdm(
+        total=3,
+        desc=f"merge layer {plan_layer.index}",
+        disable=not request.progress,
+        dynamic_ncols=True,
+        leave=False,
+    )
+    with bar:
+        x = layer_inputs(model, mem_layer.block, run.sequences, request.batch_size)
+        bar.update(1)
+        tensors = _source_tensors(plan.source, run.source_headers, names)
+        weights = _dequantized_experts(tensors, plan_layer.prefixes[0], experts)
+        activation = experts.activation
+        _check_elementwise(kind, activation, int(weights[next(iter(weights))].shape[1]))
+        _check_formula(adapter, mem_layer, kind, activation, weights, keep, x)
+        logits, probs = full_router_scores(model, adapter, mem_layer, plan_layer, tensors, x)
+        bar.update(1)
+        means, logits_np = layer_statistics(
+            kind, activation, weights, x, logits, probs, plan_layer.num_experts
         )
-        del weights, tensors, x
-    del model
+        similarity = expert_similarity(means, logits_np)
+        groups = group_experts(similarity, saliency, keep, request.group_size)
+        bar.total = 3 + sum(1 for members in groups.values() if members)
+        bar.update(1)
+        x_align = x[mx.array(run.align_index)] if len(run.align_index) < x.shape[0] else x
+        merged, _ = merge_layer(kind, activation, weights, groups, saliency, x_align, bar.update)
+        _apply(model, experts, plan_layer, keep, merged, run.directory, run.out_headers)
+    return groups
+
+
+def _layer_row(plan_layer, keep: list[int], groups: dict, elapsed: float) -> dict:
+    """One layer of the printed summary."""
+    sizes = sorted((len(m) + 1 for m in groups.values()), reverse=True)
+    absorbed = sum(len(m) for m in groups.values())
+    return {
+        "layer": plan_layer.index,
+        "experts": plan_layer.num_experts,
+        "kept": len(keep),
+        "merged_groups": sum(1 for m in groups.values() if m),
+        "absorbed": absorbed,
+        "dropped": plan_layer.num_experts - len(keep) - absorbed,
+        "group_sizes": ",".join(str(s) for s in sizes if s > 1) or "-",
+        "seconds": round(elapsed, 2),
+    }
+
+
+def _ream_provenance(request: MergeRequest, total_tokens, groups, saliency, quantization) -> dict:
+    """What mlxfun.json adds to prune's provenance for a merge."""
     provenance = {
         "ream": {
             "group_size": request.group_size,
@@ -694,13 +739,13 @@ def _merge_into(plan, directory: Path, samples, request: MergeRequest) -> dict:
             "seed": request.seed,
             "similarity": "mean of output cosine (gated by the router's own probabilities, "
             "[0,1]) and router-logit similarity",
-            "groups": groups_out,
-            "saliency": saliency_out,
+            "groups": groups,
+            "saliency": saliency,
         }
     }
     if quantization is not None:
         provenance["requantized"] = quantization
-    return {"provenance": provenance, "rows": rows, "timings": timings}
+    return provenance
 
 
 def _apply(model, experts, plan_layer, keep, merged: dict, directory: Path, headers) -> None:

@@ -149,20 +149,8 @@ def _check_normalize(options, selector: str | None) -> None:
 def _prepare(scores, options, selector: str | None = None) -> tuple[np.ndarray, list[_Layer], int]:
     """Check the options and build the layers. ``selector``: the name of a per-layer selector
     (which refuses ``normalize``), ``None`` for ``model-wide``."""
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim != 2 or scores.shape[0] == 0 or scores.shape[1] == 0:
-        raise MlxfunError(
-            f"scores must be a (MoE layers, experts) array, got shape {tuple(scores.shape)}"
-        )
+    scores, indices = _checked_scores(scores, options, selector)
     num_layers, width = scores.shape
-    indices = options.get("layer_indices")
-    indices = list(range(num_layers)) if indices is None else [int(i) for i in indices]
-    if len(indices) != num_layers:
-        raise MlxfunError(f"layer_indices has {len(indices)} values for {num_layers} MoE layers")
-    _check_normalize(options, selector)
-    if np.isnan(scores).any():
-        layers = sorted({indices[int(i)] for i in np.argwhere(np.isnan(scores))[:, 0]})
-        raise MlxfunError(f"the scores contain NaN (layers {layers}); collect again")
     num_experts = _per_layer(options.get("num_experts") or width, num_layers, "num_experts")
     for position, count in enumerate(num_experts):
         if not 1 <= count <= width:
@@ -178,14 +166,56 @@ def _prepare(scores, options, selector: str | None = None) -> tuple[np.ndarray, 
     groups = int(options.get("groups") or 1)
     if groups < 1:
         raise MlxfunError(f"groups must be at least 1, got {groups}")
+    protect, target = _protect_and_target(options, num_experts, indices)
+    layers = []
+    for position in range(num_layers):
+        layer = _Layer(
+            position=position,
+            index=indices[position],
+            num_experts=num_experts[position],
+            top_k=top_k[position],
+            min_keep=min_keep[position],
+            protect=protect.get(position, set()),
+            target=target.get(position, set()),
+            groups=groups,
+            scores=scores[position, : num_experts[position]],
+        )
+        _check_constraints(layer)
+        layer.build()
+        layers.append(layer)
+    return scores, layers, groups
+
+
+def _checked_scores(scores, options, selector: str | None) -> tuple[np.ndarray, list[int]]:
+    """``(scores as float64, decoder layer index of each row)``, once the scores are a
+    NaN-free (layers, experts) array and ``normalize`` suits the selector."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[0] == 0 or scores.shape[1] == 0:
+        raise MlxfunError(
+            f"scores must be a (MoE layers, experts) array, got shape {tuple(scores.shape)}"
+        )
+    num_layers = scores.shape[0]
+    indices = options.get("layer_indices")
+    indices = list(range(num_layers)) if indices is None else [int(i) for i in indices]
+    if len(indices) != num_layers:
+        raise MlxfunError(f"layer_indices has {len(indices)} values for {num_layers} MoE layers")
+    _check_normalize(options, selector)
+    if np.isnan(scores).any():
+        layers = sorted({indices[int(i)] for i in np.argwhere(np.isnan(scores))[:, 0]})
+        raise MlxfunError(f"the scores contain NaN (layers {layers}); collect again")
+    return scores, indices
+
+
+def _protect_and_target(options, num_experts: list[int], indices: list[int]) -> tuple:
+    """``(protect, target)``: ``{layer position: expert ids}``, every id an existing expert."""
     protect = _expert_map(options.get("protect"), "protect")
     target = _expert_map(options.get("target"), "target")
     for what, mapping in (("protected", protect), ("targeted", target)):
         for layer, experts in mapping.items():
-            if not 0 <= layer < num_layers:
+            if not 0 <= layer < len(num_experts):
                 raise MlxfunError(
                     f"{what} experts name layer position {layer}; the MoE layer positions are "
-                    f"0..{num_layers - 1}"
+                    f"0..{len(num_experts) - 1}"
                 )
             bad = sorted(e for e in experts if not 0 <= e < num_experts[layer])
             if bad:
@@ -193,45 +223,35 @@ def _prepare(scores, options, selector: str | None = None) -> tuple[np.ndarray, 
                     f"{what} experts {bad} do not exist in layer {indices[layer]} (experts "
                     f"0..{num_experts[layer] - 1})"
                 )
-    layers = []
-    for position in range(num_layers):
-        k, keep, index = top_k[position], min_keep[position], indices[position]
-        if k < 1:
-            raise MlxfunError(f"top_k must be at least 1, got {k} for layer {index}")
-        if keep < k:
-            raise MlxfunError(
-                f"min_keep {keep} is below top-k {k} (layer {index}): a layer must keep at "
-                f"least top-k experts; use min_keep >= {k}"
-            )
-        if keep > num_experts[position]:
-            raise MlxfunError(
-                f"min_keep {keep} is more than the {num_experts[position]} experts of layer "
-                f"{index}; use min_keep <= {num_experts[position]}"
-            )
-        if num_experts[position] % groups:
-            raise MlxfunError(
-                f"layer {index} has {num_experts[position]} experts, not divisible into "
-                f"{groups} groups"
-            )
-        both = protect.get(position, set()) & target.get(position, set())
-        if both:
-            raise MlxfunError(
-                f"experts {sorted(both)} of layer {index} are both protected and targeted"
-            )
-        layer = _Layer(
-            position=position,
-            index=index,
-            num_experts=num_experts[position],
-            top_k=k,
-            min_keep=keep,
-            protect=protect.get(position, set()),
-            target=target.get(position, set()),
-            groups=groups,
-            scores=scores[position, : num_experts[position]],
+    return protect, target
+
+
+def _check_constraints(layer: _Layer) -> None:
+    """One layer's constraints agree: top-k <= min_keep <= experts, equal groups, no expert
+    both protected and targeted."""
+    k, keep, index = layer.top_k, layer.min_keep, layer.index
+    if k < 1:
+        raise MlxfunError(f"top_k must be at least 1, got {k} for layer {index}")
+    if keep < k:
+        raise MlxfunError(
+            f"min_keep {keep} is below top-k {k} (layer {index}): a layer must keep at "
+            f"least top-k experts; use min_keep >= {k}"
         )
-        layer.build()
-        layers.append(layer)
-    return scores, layers, groups
+    if keep > layer.num_experts:
+        raise MlxfunError(
+            f"min_keep {keep} is more than the {layer.num_experts} experts of layer "
+            f"{index}; use min_keep <= {layer.num_experts}"
+        )
+    if layer.num_experts % layer.groups:
+        raise MlxfunError(
+            f"layer {index} has {layer.num_experts} experts, not divisible into "
+            f"{layer.groups} groups"
+        )
+    both = layer.protect & layer.target
+    if both:
+        raise MlxfunError(
+            f"experts {sorted(both)} of layer {index} are both protected and targeted"
+        )
 
 
 def _count(options, total: int, groups: int, what: str) -> int:
