@@ -96,29 +96,34 @@ def register(app: typer.Typer) -> None:
         summary = plugins.get_compressor("ream").compress(request)
         if json_output:
             print_json(summary)
-            return
-        if summary["dry_run"]:
-            columns = ["layer", "experts", "kept", "removed", "removed_ids"]
         else:
-            columns = ["layer", "experts", "kept", "merged_groups", "absorbed", "dropped"]
-            columns += ["group_sizes", "seconds"]
-        print_table(summary["layers"], columns)
-        shape = "uniform" if summary["uniform"] else "non-uniform (ships a model_file)"
+            _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    """The merge summary for people: per-layer table, counts, size saving, what was written."""
+    if summary["dry_run"]:
+        columns = ["layer", "experts", "kept", "removed", "removed_ids"]
+    else:
+        columns = ["layer", "experts", "kept", "merged_groups", "absorbed", "dropped"]
+        columns += ["group_sizes", "seconds"]
+    print_table(summary["layers"], columns)
+    shape = "uniform" if summary["uniform"] else "non-uniform (ships a model_file)"
+    print(
+        f"\nREAM on {summary['scorer']} ({summary['selector']}, group size "
+        f"{summary['group_size']}): {summary['experts_before']} -> "
+        f"{summary['experts_after']} experts, {shape}"
+    )
+    print(saving_line(summary))
+    if summary["dry_run"]:
+        print("dry run: nothing written (the groups need the calibration forward)")
+        return
+    if summary.get("requantized"):
+        q = summary["requantized"]
         print(
-            f"\nREAM on {summary['scorer']} ({summary['selector']}, group size "
-            f"{summary['group_size']}): {summary['experts_before']} -> "
-            f"{summary['experts_after']} experts, {shape}"
+            f"merged experts requantized: {q['bits']} bits, group size {q['group_size']}, "
+            f"{q['mode']}"
         )
-        print(saving_line(summary))
-        if summary["dry_run"]:
-            print("dry run: nothing written (the groups need the calibration forward)")
-            return
-        if summary.get("requantized"):
-            q = summary["requantized"]
-            print(
-                f"merged experts requantized: {q['bits']} bits, group size {q['group_size']}, "
-                f"{q['mode']}"
-            )
-        print(f"similarities on {summary['tokens']} tokens; wrote {summary['output']}")
-        if not summary["uniform"]:
-            print(NONUNIFORM_HINT)
+    print(f"similarities on {summary['tokens']} tokens; wrote {summary['output']}")
+    if not summary["uniform"]:
+        print(NONUNIFORM_HINT)
