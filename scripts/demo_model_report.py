@@ -1,5 +1,7 @@
-"""Measure the demo model: validation perplexity per domain vs a unigram baseline, and expert
-specialisation (Jensen-Shannon divergence between code and prose routing, dead experts).
+"""Measure the demo model: validation perplexity per domain vs a unigram baseline, expert load
+balance on the calibration text (smallest and largest share of the routed slots per layer, the
+entropy of the load) and expert specialisation (Jensen-Shannon divergence between code and prose
+routing, each expert's code share against its prose share, unused experts).
 
     python scripts/demo_model_report.py [--model demo/model] [--data demo/data] [--json]
 """
@@ -50,6 +52,35 @@ def js_divergence_bits(p: np.ndarray, q: np.ndarray) -> float:
     return (kl(p, m) + kl(q, m)) / 2
 
 
+def entropy_bits(p: np.ndarray) -> float:
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def balance_row(counts: np.ndarray) -> dict:
+    """Load balance of one layer from its routed-slot counts per expert."""
+    shares = counts / counts.sum()
+    return {
+        "min_share_pct": round(float(shares.min() * 100), 2),
+        "max_share_pct": round(float(shares.max() * 100), 2),
+        "entropy_bits": round(entropy_bits(counts), 3),
+        "max_entropy_bits": round(float(np.log2(counts.size)), 3),
+    }
+
+
+def specialisation_row(code: np.ndarray, prose: np.ndarray) -> dict:
+    """Per expert: its share of code slots over its share of prose slots (log2)."""
+    code_share, prose_share = code / code.sum(), prose / prose.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_ratio = np.log2(code_share / prose_share)
+    return {
+        "js_divergence_bits": round(js_divergence_bits(code, prose), 3),
+        "log2_code_over_prose": [round(float(v), 2) for v in log_ratio],
+        "code_experts": int((log_ratio >= 1).sum()),  # twice as likely on code as on prose
+        "prose_experts": int((log_ratio <= -1).sum()),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, default=ROOT / "demo" / "model")
@@ -68,6 +99,13 @@ def main():
         ):
             np.add.at(calib_counts, seq, 1)
     report = {"domains": {}, "layers": []}
+    calibration = {}
+    for domain in ("code", "prose"):
+        sequences = tokenize_samples(
+            load_samples([opts.data / f"calib_{domain}.jsonl"]), tokenizer, opts.max_tokens
+        )
+        collector, _ = collect_stats(model, adapter, sequences, [frequency], progress=False)
+        calibration[domain] = collector.scores()["frequency"]
     routing = {}
     for domain in ("code", "prose"):
         sequences = tokenize_samples(
@@ -82,10 +120,12 @@ def main():
         }
     for position, layer in enumerate(layers):
         code, prose = routing["code"][position], routing["prose"][position]
+        calib = calibration["code"][position] + calibration["prose"][position]
         report["layers"].append(
             {
                 "layer": layer.index,
-                "js_divergence_bits": round(js_divergence_bits(code, prose), 3),
+                "calibration": balance_row(calib),
+                **specialisation_row(code, prose),
                 "dead_experts": int(((code + prose) == 0).sum()),
                 "top_code_experts": [int(e) for e in np.argsort(-code)[:3]],
                 "top_prose_experts": [int(e) for e in np.argsort(-prose)[:3]],
@@ -100,13 +140,30 @@ def main():
             f"| {domain} | {row['eval_tokens']} | {row['perplexity']} | {row['unigram_perplexity']} |"
         )
     print(
-        "\n| layer | JS divergence code vs prose (bits) | dead experts | top code experts | top prose experts |"
+        "\n| layer | smallest share | largest share | load entropy (bits, max 4) |"
+        "\n|---:|---:|---:|---:|"
     )
-    print("|---:|---:|---:|---|---|")
+    for row in report["layers"]:
+        bal = row["calibration"]
+        print(
+            f"| {row['layer']} | {bal['min_share_pct']}% | {bal['max_share_pct']}% | "
+            f"{bal['entropy_bits']} |"
+        )
+    print(
+        "\n| layer | JS divergence code vs prose (bits) | code experts (>= 2x) | prose experts (>= 2x) "
+        "| unused experts | top code experts | top prose experts |"
+    )
+    print("|---:|---:|---:|---:|---:|---|---|")
     for row in report["layers"]:
         print(
-            f"| {row['layer']} | {row['js_divergence_bits']} | {row['dead_experts']} | "
+            f"| {row['layer']} | {row['js_divergence_bits']} | {row['code_experts']} | "
+            f"{row['prose_experts']} | {row['dead_experts']} | "
             f"{row['top_code_experts']} | {row['top_prose_experts']} |"
+        )
+    print("\nlog2(code share / prose share) per expert:")
+    for row in report["layers"]:
+        print(
+            f"  layer {row['layer']}: " + " ".join(f"{v:+.1f}" for v in row["log2_code_over_prose"])
         )
 
 

@@ -153,15 +153,38 @@ def router_capture(model, store):
 
 
 def balance_loss(logits_list, num_experts: int, top_k: int):
-    """Switch-style load balancing: E * sum_e (fraction routed to e) * (mean probability of e)."""
-    total = 0.0
+    """The auxiliary load-balancing loss of Switch Transformer in the form of Qwen3-MoE's
+    `router_aux_loss_coef` term, per MoE layer and averaged over layers:
+    E * sum_e f_e * P_e, with f_e the fraction of tokens that pick expert e among their top-k
+    (sum_e f_e = k) and P_e the mean router probability of e. It is k when routing is uniform.
+    Hugging Face concatenates all layers' logits first, which lets one layer collapse while the
+    total stays balanced; per layer, every layer is balanced on its own.
+    Returns (loss, per-layer expert counts of this batch) for the balance monitor."""
+    total, counts_per_layer = 0.0, []
     for logits in logits_list:
-        probs = mx.softmax(logits.reshape(-1, num_experts), axis=-1)
+        probs = mx.softmax(logits.reshape(-1, num_experts).astype(mx.float32), axis=-1)
         chosen = mx.argpartition(-probs, kth=top_k - 1, axis=-1)[:, :top_k]
         counts = mx.zeros((num_experts,)).at[chosen.reshape(-1)].add(1.0)
-        fraction = mx.stop_gradient(counts / chosen.size)
+        fraction = mx.stop_gradient(counts / probs.shape[0])
         total = total + num_experts * mx.sum(fraction * probs.mean(axis=0))
+        counts_per_layer.append(mx.stop_gradient(counts))
+    return total / len(logits_list), mx.stack(counts_per_layer)
+
+
+def router_z_loss(logits_list):
+    """ST-MoE's router z-loss: keeps router logits small, so that no expert's probability
+    underflows to where the balancing gradient can no longer revive it."""
+    total = 0.0
+    for logits in logits_list:
+        z = mx.logsumexp(logits.astype(mx.float32), axis=-1)
+        total = total + mx.mean(z * z)
     return total / len(logits_list)
+
+
+def balance_summary(counts: np.ndarray) -> str:
+    """Per layer: the smallest and largest expert share of the routed slots, e.g. 2.1-11.0%."""
+    shares = counts / counts.sum(axis=1, keepdims=True) * 100
+    return " ".join(f"{row.min():.1f}-{row.max():.1f}%" for row in shares)
 
 
 def batches_from(streams, rng, batch: int, seq: int):
@@ -188,7 +211,19 @@ def main():
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--balance", type=float, default=0.04, help="load-balancing loss weight")
+    parser.add_argument(
+        "--balance",
+        type=float,
+        default=0.04,
+        help="router_aux_loss_coef: weight of the load-balancing loss (uniform routing scores k)",
+    )
+    parser.add_argument(
+        "--z-loss",
+        type=float,
+        default=0.0,
+        help="router z-loss weight (ST-MoE): mean squared logsumexp of the router logits",
+    )
+    parser.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps")
     parser.add_argument(
         "--expert-size",
         type=int,
@@ -235,7 +270,10 @@ def main():
         f"parameters: {n_params / 1e6:.2f}M; train tokens available: code {streams[0].size}, prose {streams[1].size}"
     )
 
-    schedule = optim.cosine_decay(opts.lr, opts.steps, opts.lr / 10)
+    schedule = optim.cosine_decay(opts.lr, opts.steps - opts.warmup, opts.lr / 10)
+    if opts.warmup:
+        warm = optim.linear_schedule(opts.lr / opts.warmup, opts.lr, opts.warmup)
+        schedule = optim.join_schedules([warm, schedule], [opts.warmup])
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
     captured: list = []
     hooks = router_capture(model, captured)
@@ -244,26 +282,32 @@ def main():
         captured.clear()
         logits = model(inputs)
         ce = nn.losses.cross_entropy(logits, targets, reduction="mean")
-        return ce + opts.balance * balance_loss(
-            captured, args["num_experts"], args["num_experts_per_tok"]
-        ), ce
+        aux, counts = balance_loss(captured, args["num_experts"], args["num_experts_per_tok"])
+        loss = ce + opts.balance * aux
+        if opts.z_loss:
+            loss = loss + opts.z_loss * router_z_loss(captured)
+        return loss, (ce, aux, counts)
 
     step_fn = nn.value_and_grad(model, loss_fn)
     data = batches_from(streams, rng, opts.batch, opts.seq)
     start = time.perf_counter()
+    window = None  # routed-slot counts per layer and expert since the last printed step
     with call_hooks(hooks):
         for step in range(1, opts.steps + 1):
             inputs, targets = next(data)
-            (loss, ce), grads = step_fn(model, inputs, targets)
+            (loss, (ce, aux, counts)), grads = step_fn(model, inputs, targets)
             optimizer.update(model, grads)
-            mx.eval(model.parameters(), optimizer.state, loss, ce)
+            mx.eval(model.parameters(), optimizer.state, loss, ce, aux, counts)
+            window = np.array(counts) if window is None else window + np.array(counts)
             if step % 25 == 0 or step == 1:
                 elapsed = time.perf_counter() - start
                 tps = step * opts.batch * opts.seq / elapsed
                 print(
-                    f"step {step:5d}  loss {loss.item():.3f}  ce {ce.item():.3f}  {tps:.0f} tok/s  {elapsed / 60:.1f} min",
+                    f"step {step:5d}  loss {loss.item():.3f}  ce {ce.item():.3f}  aux {aux.item():.3f}"
+                    f"  {tps:.0f} tok/s  {elapsed / 60:.1f} min  expert shares {balance_summary(window)}",
                     flush=True,
                 )
+                window = None
     wall = time.perf_counter() - start
 
     model.update(tree_map(lambda v: v.astype(mx.bfloat16), model.parameters()))
@@ -277,6 +321,7 @@ def main():
         "wall_seconds": round(wall, 1),
         "tokens_per_second": round(opts.steps * opts.batch * opts.seq / wall, 1),
         "final_train_ce": round(ce.item(), 4),
+        "final_balance_loss": round(aux.item(), 4),
         "perplexity_of_final_ce": round(math.exp(ce.item()), 2),
     }
     (model_dir / "training.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -615,12 +615,18 @@ def test_compressor_is_registered_and_the_plugin_module_stays_light():
 
 @pytest.mark.parametrize(
     "model_type,args",
-    [("gemma4_text", special.GEMMA4_TEXT), ("kimi_k3", biased.KIMI_K3_LATENT)],
-    ids=["gemma4_text", "kimi_k3_latent"],
+    [
+        ("gemma4_text", special.GEMMA4_TEXT),
+        ("kimi_k3", biased.KIMI_K3_LATENT),
+        ("dbrx", special.DBRX),
+        ("longcat_flash", special.LONGCAT),
+    ],
+    ids=["gemma4_text", "kimi_k3_latent", "dbrx", "longcat_flash"],
 )
 def test_experts_that_compute_something_else_are_refused(tmp_path, calib, model_type, args):
     """gemma4 scales each expert's output, kimi_k3's experts run on a projection of the block
-    input: merging them from their weights alone would be wrong, so ream says so."""
+    input, dbrx's experts are separate modules and longcat's zero experts have no weights:
+    merging them from stacked weights alone would be wrong, so ream says so."""
     args, groups = grouped_args(model_type, args)
     source, _ = write_dir(tmp_path / "model", model_type, args)
     stats = stats_file(source, tmp_path / "stats.npz", random_scores(source))

@@ -46,6 +46,8 @@ CASES = [
     ("gemma4", "gemma4", special.GEMMA4),
     ("gemma4_text", "gemma4_text", special.GEMMA4_TEXT),
     ("deepseek_v41", "deepseek_v41", special.DEEPSEEK_V41),
+    ("dbrx", "dbrx", special.DBRX),
+    *[(c[0], c[0], c[1]) for c in special.LONGCAT_CASES],
 ]
 _seen = set()
 CASES = [c for c in CASES if not (c[0] in _seen or _seen.add(c[0]))]
@@ -613,3 +615,139 @@ def test_model_file_is_the_template():
     assert "import mlxfun" not in source and "from mlxfun" not in source
     model = nonuniform.build_model(new)
     assert [m.mlp.switch_mlp.gate_proj.weight.shape[0] for m in model.model.layers] == [6, 8]
+
+
+# ---------------------------------------------------------------------------------------------
+# Experts as a list of modules (dbrx) and zero experts (longcat_flash)
+
+
+def test_dbrx_list_experts_are_dropped_and_renumbered(tmp_path):
+    """dbrx stores one tensor per expert and projection (transformer.blocks.i.ffn.experts.e.
+    w1.weight, ...): pruning drops the removed experts' tensors and renumbers the kept ones in
+    order, byte for byte, across shards, with the index's weight map renamed to match."""
+    source, adapter = write_dir(tmp_path / "model", "dbrx", special.DBRX, bits=4)
+    reshard(source, 3)
+    stats = write_stats(source, tmp_path / "s.npz")
+    out = tmp_path / "out"
+    assert run_cli("--model", source, "--stats", stats, "--n", 3, "-o", out) == 0
+    keep = json.loads((out / "mlxfun.json").read_text())["keep"]
+    before, after = {}, {}
+    for directory, tensors in ((source, before), (out, after)):
+        for shard in slicing.checkpoint_shards(directory):
+            tensors.update(mx.load(str(directory / shard)))
+    for layer, kept in keep.items():
+        assert len(kept) == 5
+        prefix = f"transformer.blocks.{layer}.ffn"
+        for new, old in enumerate(kept):
+            for proj in ("w1", "v1", "w2"):
+                for part in ("weight", "scales", "biases"):
+                    name = f"{prefix}.experts.{{}}.{proj}.{part}"
+                    assert mx.array_equal(after[name.format(new)], before[name.format(old)])
+        assert not [n for n in after if n.startswith(f"{prefix}.experts.5.")]
+        for part in ("weight", "scales", "biases"):
+            name = f"{prefix}.router.layer.{part}"
+            assert mx.array_equal(after[name], before[name][mx.array(kept)])
+    removed = 2 * 3 * 3 * 3  # layers x experts x projections x (weight, scales, biases)
+    assert set(after) <= set(before) and len(after) == len(before) - removed
+    index = json.loads((out / slicing.INDEX_FILE).read_text())
+    headers = slicing.read_headers(out)
+    assert sorted(index["weight_map"]) == sorted(after)
+    for name, shard in index["weight_map"].items():
+        assert name in headers[shard]
+    config = json.loads((out / "config.json").read_text())
+    assert config["ffn_config"] == dict(special.DBRX["ffn_config"], moe_num_experts=5)
+    pruned_matches_masked(source, out, adapter)
+
+
+def write_longcat_stats(model_dir, path):
+    """REAP scores in which the zero experts (ids 8..11) are the least important."""
+    config = read_config(model_dir)
+    skeleton, _ = slicing.model_skeleton(model_dir)
+    plans = slicing.layer_plans(skeleton, plugins.adapter_for_config(config))
+    scores = 1.0 + np.random.default_rng(0).random((len(plans), plans[0].num_experts))
+    scores[:, special.LONGCAT["n_routed_experts"] :] = 0.0
+    metadata = {
+        "fingerprint": model_fingerprint(config, plans),
+        "moe_layers": [p.index for p in plans],
+    }
+    save_stats(path, {"reap": scores}, {}, np.zeros(len(plans), dtype=np.int64), metadata)
+    return path
+
+
+def test_longcat_zero_experts_are_kept(tmp_path, capsys):
+    """The zero experts score lowest here, and still every one stays: the selector chooses
+    among the stored experts (n and ratio count those), zero_expert_num stays, n_routed_experts
+    and the router rows follow the kept stored experts."""
+    stored, zero = special.LONGCAT["n_routed_experts"], special.LONGCAT["zero_expert_num"]
+    source, adapter = write_dir(tmp_path / "model", "longcat_flash", special.LONGCAT, bits=4)
+    stats = write_longcat_stats(source, tmp_path / "s.npz")
+    out = tmp_path / "out"
+    assert run_cli("--model", source, "--stats", stats, "--ratio", 0.5, "-o", out) == 0
+    provenance = json.loads((out / "mlxfun.json").read_text())
+    for kept in provenance["keep"].values():
+        assert len(kept) == stored // 2 + zero
+        assert kept[-zero:] == list(range(stored, stored + zero))
+    assert all(max(gone) < stored for gone in provenance["removed"].values())
+    assert provenance["experts_after"] == [stored // 2 + zero] * 2
+    config = json.loads((out / "config.json").read_text())
+    assert (config["n_routed_experts"], config["zero_expert_num"]) == (stored // 2, zero)
+    headers = slicing.read_headers(out)["model.safetensors"]
+    mlp = "model.layers.0.mlp"
+    assert headers[f"{mlp}.switch_mlp.up_proj.weight"]["shape"][0] == stored // 2
+    assert headers[f"{mlp}.router.classifier.weight"]["shape"][0] == stored // 2 + zero
+    assert headers[f"{mlp}.router.e_score_correction_bias"]["shape"] == [stored // 2 + zero]
+    pruned_matches_masked(source, out, adapter)
+
+    target = ["--model", source, "--stats", stats, "--n", 1, "-o", tmp_path / "o"]
+    assert run_cli(*target, "--target", f"0:{stored + 1}") == 1
+    assert "zero (parameter-free) experts" in capsys.readouterr().err
+    assert run_cli(*target, "--protect", f"*:0,{stored + 1}") == 0
+    kept = json.loads((tmp_path / "o" / "mlxfun.json").read_text())["keep"]
+    assert all(0 in k and stored + 1 in k for k in kept.values())
+
+
+@pytest.mark.parametrize(
+    "model_type,args", [("dbrx", special.DBRX), ("longcat_flash", special.LONGCAT)]
+)
+def test_dbrx_and_longcat_collect_prune_and_load_in_stock_mlx_lm(
+    tmp_path, capsys, model_type, args
+):
+    """From text: mlxfun collect (the observer on the model as mlxfun loads it), prune per
+    layer and model-wide, and both outputs load and generate in stock mlx-lm. inspect counts
+    the layers (neither config has num_hidden_layers) and the experts: 8, plus longcat's 4
+    zero experts."""
+    source, _ = write_dir(tmp_path / "model", model_type, args)
+    assert main(["inspect", str(source), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_layers"] == 2
+    assert [layer["experts"] for layer in report["layers"]] == [
+        12 if "longcat" in model_type else 8
+    ] * 2
+    sizes = {row["part"]: row for row in report["sizes"]}
+    assert sizes["experts"]["parameters"] == 2 * 8 * 3 * 64 * 32
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"sample {i} " * 8}) + "\n" for i in range(6)))
+    stats = tmp_path / "s.npz"
+    collect = ["collect", "--model", source, "-o", stats, "--dataset", data, "--max-tokens", 32]
+    assert main([str(a) for a in collect]) == 0
+    uniform, wide = tmp_path / "uniform", tmp_path / "wide"
+    assert run_cli("--model", source, "--stats", stats, "--n", 2, "-o", uniform) == 0
+    assert (
+        run_cli(
+            "--model", source, "--stats", stats, "--selector", "model-wide", "--n", 5, "-o", wide
+        )
+        == 0
+    )
+    assert not json.loads((wide / "mlxfun.json").read_text())["uniform"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXFUN")}
+    for out, trust in ((uniform, "0"), (wide, "1")):
+        done = subprocess.run(
+            [sys.executable, "-c", STOCK_LOAD, str(out), trust],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "generated" in done.stdout

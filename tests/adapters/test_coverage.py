@@ -70,6 +70,18 @@ def test_aliases_of_moe_types_are_covered():
     assert not missing, f"config aliases of MoE model types not covered: {', '.join(missing)}"
 
 
+def test_only_muse_spark_is_refused_outright():
+    """Every MoE model type of the installed mlx-lm has an adapter except muse_spark (its
+    forward runs Metal-only kernels). The other types with a refusal reason (qwen3_5, jamba,
+    gemma4, ...) are refused only for configs that mlx-lm builds without MoE layers. dbrx (list
+    experts) and longcat_flash(_ngram) (zero experts) have adapters."""
+    supported, unsupported = known_model_types()
+    refused = sorted(m for m in moe_modules() | set(unsupported) if m not in supported)
+    assert refused == ["muse_spark"], refused
+    assert {"dbrx", "longcat_flash", "longcat_flash_ngram"} <= supported
+    assert "Metal" in unsupported["muse_spark"]
+
+
 def test_unsupported_types_give_the_reason():
     _, unsupported = known_model_types()
     for model_type, reason in unsupported.items():

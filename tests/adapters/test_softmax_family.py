@@ -868,11 +868,6 @@ def test_granitemoehybrid_dense_model_is_refused():
     assert adapter.moe_layers(model) == []
 
 
-def test_dbrx_is_refused_with_the_reason():
-    with pytest.raises(MlxfunError, match="Python list"):
-        plugins.adapter_for_config({"model_type": "dbrx"})
-
-
 FAMILY = [
     "mixtral",
     "jamba",

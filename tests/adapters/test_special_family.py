@@ -1,12 +1,14 @@
-"""Architectures with special routing (llama4, gemma4, deepseek_v41) on tiny seeded mlx-lm
-models, float32 and 4-bit, against numpy routings written from the weights and the test's
-config; and the reasons longcat_flash(_ngram) and muse_spark are refused.
+"""Architectures with special routing or experts (llama4, gemma4, deepseek_v41, dbrx,
+longcat_flash(_ngram)) on tiny seeded mlx-lm models, float32 and 4-bit, against numpy routings
+written from the weights and the test's config; and the reason muse_spark is refused.
 
 Beyond the harness (hooks change nothing, routing equals the reference, statistics equal a
 brute-force loop) each architecture checks what its adapter documents: llama4's raw outputs are
 the experts on their sigmoid-scaled input with gate weight 1; gemma4's router sees the
 post-attention stream (not the decoder layer's input) and its weights rebuild the experts' sum;
-deepseek_v41 finds only the Experts wrapper's SwitchGLU (not the attention's SwitchLinear).
+deepseek_v41 finds only the Experts wrapper's SwitchGLU (not the attention's SwitchLinear);
+dbrx's raw outputs are each listed expert on its own token, in the block's call order;
+longcat_flash's zero experts are selected, output the block's input and are counted.
 """
 
 import mlx.core as mx
@@ -129,6 +131,17 @@ LONGCAT = dict(
     norm_topk_prob=True,
     router_bias=True,
 )
+LONGCAT_NGRAM = dict(LONGCAT, ngram_vocab_size_ratio=2, emb_neighbor_num=3, emb_split_num=2)
+LONGCAT_CASES = [("longcat_flash", LONGCAT), ("longcat_flash_ngram", LONGCAT_NGRAM)]
+
+DBRX = dict(
+    vocab_size=256,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2),
+    attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +198,33 @@ def gemma4_reference(router, h):
     return selected, weights
 
 
+def dbrx_reference(block, x):
+    """Softmax over all experts, top-k, the k scores divided by their sum."""
+    gates = softmax(x @ dequantized(block.router.layer).T)
+    selected = top_k(gates, DBRX["ffn_config"]["moe_top_k"])
+    weights = np.take_along_axis(gates, selected, -1)
+    return selected, weights / weights.sum(-1, keepdims=True)
+
+
+def dbrx_expert(expert, x):
+    """One dbrx MLP on rows x: w2(silu(w1 x) * v1 x)."""
+    return (silu(x @ dequantized(expert.w1).T) * (x @ dequantized(expert.v1).T)) @ dequantized(
+        expert.w2
+    ).T
+
+
+def longcat_reference(block, x):
+    """Softmax over the stored and zero experts (classifier with its bias), plus the correction
+    bias for the selection only, top-k, renormalised, times routed_scaling_factor."""
+    router = block.router
+    logits = x @ dequantized(router.classifier).T + np.array(router.classifier.bias)
+    scores = softmax(logits)
+    bias = np.array(router.e_score_correction_bias, dtype=np.float64)
+    selected = top_k(scores + bias, LONGCAT["moe_topk"])
+    weights = np.take_along_axis(scores, selected, -1)
+    return selected, weights / weights.sum(-1, keepdims=True) * LONGCAT["routed_scaling_factor"]
+
+
 def deepseek_v41_reference(cfg):
     cfg = {**DEEPSEEK_V41_DEFAULTS, **cfg}
 
@@ -221,6 +261,31 @@ def build_gemma4(model_type, args, bits=None):
         return value
 
     model.update(tree_map_with_path(positive, model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def build_dbrx(model_type="dbrx", args=DBRX, bits=None):
+    """In eval mode, as mlx_lm.load leaves a model: dbrx's block then calls its experts one
+    token at a time (the path the adapter observes)."""
+    model = build_tiny(model_type, args, bits=bits)
+    model.eval()
+    return model
+
+
+def build_longcat(model_type="longcat_flash", args=LONGCAT, bits=None):
+    """build_tiny re-draws the zero correction bias with std 0.3, which swamps the softmax
+    scores (1/12 on average) and decides the selection alone; std 0.02 lets both the scores and
+    the bias matter, and every layer picks zero and stored experts."""
+    model = build_tiny(model_type, args, bits=bits)
+    rng = np.random.default_rng(3)
+
+    def small(path, value):
+        if path.endswith("e_score_correction_bias"):
+            return mx.array(rng.normal(0.0, 0.02, value.shape).astype(np.float32))
+        return value
+
+    model.update(tree_map_with_path(small, model.parameters()))
     mx.eval(model.parameters())
     return model
 
@@ -402,6 +467,8 @@ BF16_CASES = [
     ("llama4", LLAMA4, build_tiny),
     ("gemma4_text", GEMMA4_TEXT, build_gemma4),
     ("deepseek_v41", DEEPSEEK_V41, build_tiny),
+    ("dbrx", DBRX, build_dbrx),
+    ("longcat_flash", LONGCAT, build_longcat),
 ]
 
 
@@ -423,22 +490,117 @@ def test_bfloat16_selection_is_the_blocks(model_type, args, build):
 
 
 # ---------------------------------------------------------------------------------------------
-# longcat_flash: why it is refused
+# dbrx
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_dbrx(bits):
+    model = build_dbrx(bits=bits)
+    adapter, layers, _ = check_architecture("dbrx", model, dbrx_reference)
+    assert adapter.name == "dbrx"
+    assert [layer.path for layer in layers] == [f"transformer.blocks.{i}.ffn" for i in range(2)]
+    for layer in layers:
+        assert layer.experts is layer.block.experts
+        assert (layer.num_experts, layer.top_k, layer.zero_experts) == (8, 2, 0)
+    # every block's output is sum(weight * raw output), the weights in the input's dtype
+    testing.check_adapter(adapter, model, "dbrx")
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_dbrx_raw_outputs_are_each_expert_on_its_token(bits):
+    """The per-expert hooks put every call in its (token, slot): the observed outputs equal
+    numpy's MLP of the selected expert on that token, and all_expert_outputs (batched) too."""
+    model = build_dbrx(bits=bits)
+    adapter = plugins.adapter_for_config({"model_type": "dbrx"})
+    with Observer(model, adapter, ALL_NEEDS) as observer:
+        model(TOKENS)
+    observations = observer.observations()
+    layers, inputs = capture_block_inputs(model, adapter, TOKENS)
+    for layer, obs in zip(layers, observations):
+        x = inputs[layer.position]
+        every = np.stack([dbrx_expert(expert, x) for expert in layer.experts], 1)
+        chosen = np.take_along_axis(every, obs.selected[..., None], 1)
+        np.testing.assert_allclose(obs.outputs, chosen, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(obs.norms, np.linalg.norm(chosen, axis=-1), rtol=1e-4, atol=1e-5)
+        ours = adapter.all_expert_outputs(layer, mx.array(x.astype(np.float32)))
+        np.testing.assert_allclose(np.array(ours), every, rtol=1e-4, atol=1e-5)
+
+
+def test_dbrx_in_training_mode_is_refused():
+    """In training mode the block runs each expert once on all its tokens: the calls cannot be
+    matched to (token, slot), so observing says how to fix it instead of guessing."""
+    model = build_tiny("dbrx", DBRX)
+    assert model.training
+    adapter = plugins.adapter_for_config({"model_type": "dbrx"})
+    with pytest.raises(MlxfunError, match=r"model\.eval\(\)"):
+        with Observer(model, adapter):
+            model(TOKENS)
+    assert [type(m).__name__ for m in model.transformer.blocks[0].ffn.experts] == ["MLP"] * 8
+
+
+# ---------------------------------------------------------------------------------------------
+# longcat_flash(_ngram)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("model_type,args", LONGCAT_CASES, ids=[c[0] for c in LONGCAT_CASES])
+def test_longcat(model_type, args, bits):
+    model = build_longcat(model_type, args, bits)
+    adapter, layers, observations = check_architecture(
+        model_type, model, longcat_reference, tokens=TOKENS
+    )
+    assert adapter.name == "longcat_flash"
+    assert [layer.path for layer in layers] == [f"model.layers.{i}.mlp" for i in range(2)]
+    stored, zero = LONGCAT["n_routed_experts"], LONGCAT["zero_expert_num"]
+    for layer, obs in zip(layers, observations):
+        assert (layer.num_experts, layer.zero_experts) == (stored + zero, zero)
+        picked_zero = obs.selected >= stored
+        assert picked_zero.any() and (~picked_zero).any(), "pick both kinds in every layer"
+        assert obs.logits.shape[1] == stored + zero
+    # the block's output is sum(weight * raw output) with raw output x for a zero expert
+    testing.check_adapter(adapter, model, model_type)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_longcat_raw_outputs_are_swiglu_experts_or_the_input(bits):
+    model = build_longcat(bits=bits)
+    adapter = plugins.adapter_for_config({"model_type": "longcat_flash"})
+    with Observer(model, adapter, ALL_NEEDS) as observer:
+        model(TOKENS)
+    observations = observer.observations()
+    layers, inputs = capture_block_inputs(model, adapter, TOKENS)
+    stored, zero = LONGCAT["n_routed_experts"], LONGCAT["zero_expert_num"]
+    for layer, obs in zip(layers, observations):
+        x = inputs[layer.position]
+        weights = switch_weights(layer.experts)
+        every = np.stack([glu_expert(weights, e, x, silu) for e in range(stored)] + [x] * zero, 1)
+        chosen = np.take_along_axis(every, obs.selected[..., None], 1)
+        np.testing.assert_allclose(obs.outputs, chosen, rtol=1e-4, atol=1e-5)
+        ours = adapter.all_expert_outputs(layer, mx.array(x.astype(np.float32)))
+        np.testing.assert_allclose(np.array(ours), every, rtol=1e-4, atol=1e-5)
+
+
+def test_longcat_with_mlx_lm_quantization():
+    """mlx_lm.convert's quantization of longcat: 4-bit experts, an 8-bit (group 64) router."""
+    from mlx_lm.utils import quantize_model
+
+    model = build_longcat()
+    model, _ = quantize_model(model, {}, 32, 4, quant_predicate=model.quant_predicate)
+    classifier = model.model.layers[0].mlp.router.classifier
+    assert (classifier.bits, classifier.group_size) == (8, 64)
+    assert model.model.layers[0].mlp.switch_mlp.up_proj.bits == 4
+    adapter, _, _ = check_architecture("longcat_flash", model, longcat_reference)
+    testing.check_adapter(adapter, model, "longcat_flash")
 
 
 def test_longcat_zero_expert_slots_reach_the_experts_as_expert_0():
-    """The reason longcat_flash is unsupported: in a zero-expert slot the block passes expert
-    0 to the SwitchGLU, so what the experts call receives cannot be told apart from a real
-    choice of expert 0. (If mlx-lm stops doing this, revisit the reason.) The route kept in
-    special_family matches the router and a numpy reference."""
-    from mlxfun.adapters.special_family import longcat_route
-
-    model = build_tiny("longcat_flash", LONGCAT)
-    E = LONGCAT["n_routed_experts"]
+    """Why the observer takes longcat's selection from the router's output: in a zero-expert
+    slot the block passes expert 0 to the SwitchGLU, so the indices the experts call receives
+    cannot tell a zero expert from a real choice of expert 0. (If mlx-lm stops doing this, the
+    default experts hook would do.) The router's output is the numpy reference's selection."""
+    model = build_longcat()
+    stored = LONGCAT["n_routed_experts"]
     block = model.model.layers[0].mlp
-    # a bias small against the softmax scores (1 / 12 on average), so zero experts get picked
-    bias = np.random.default_rng(3).normal(0.0, 0.01, E + LONGCAT["zero_expert_num"])
-    block.router.e_score_correction_bias = mx.array(bias.astype(np.float32))
     seen = {}
 
     def router_hook(module, call, x):
@@ -454,28 +616,14 @@ def test_longcat_zero_expert_slots_reach_the_experts_as_expert_0():
         mx.eval(model(TOKENS))
     routed = np.array(seen["router"][0])
     passed = np.array(seen["experts"])
-    zero = routed >= E
+    zero = routed >= stored
     assert zero.any() and (~zero).any()
     np.testing.assert_array_equal(passed[zero], 0)
     np.testing.assert_array_equal(passed[~zero], routed[~zero])
-
-    k = LONGCAT["moe_topk"]
-    indices, weights = longcat_route(block, block.router.classifier(seen["x"]))
-    indices, weights = np.array(indices).reshape(-1, k), np.array(weights).reshape(-1, k)
-    np.testing.assert_array_equal(np.sort(indices, -1), np.sort(routed.reshape(-1, k), -1))
-    router = block.router
     x = np.array(seen["x"], dtype=np.float64).reshape(-1, LONGCAT["hidden_size"])
-    logits = x @ dequantized(router.classifier).T + np.array(router.classifier.bias)
-    scores = softmax(logits)
-    selected = top_k(scores + bias, k)
-    expected = np.take_along_axis(scores, selected, -1)
-    expected = expected / expected.sum(-1, keepdims=True) * LONGCAT["routed_scaling_factor"]
-    ours, theirs = np.argsort(indices, -1), np.argsort(selected, -1)
+    selected, _ = longcat_reference(block, x)
     np.testing.assert_array_equal(
-        np.take_along_axis(indices, ours, -1), np.take_along_axis(selected, theirs, -1)
-    )
-    np.testing.assert_allclose(
-        np.take_along_axis(weights, ours, -1), np.take_along_axis(expected, theirs, -1), rtol=1e-5
+        np.sort(routed.reshape(-1, LONGCAT["moe_topk"]), -1), np.sort(selected, -1)
     )
 
 
@@ -494,6 +642,9 @@ def test_config_matching():
     assert name({"model_type": "deepseek_v41", **DEEPSEEK_V41}) == "deepseek_v41"
     assert name({"model_type": "deepseek_v41_text"}) == "deepseek_v41"
     assert name({"model_type": "deepseek_v41_text", "text_config": DEEPSEEK_V41}) == "deepseek_v41"
+    assert name({"model_type": "dbrx", **DBRX}) == "dbrx"
+    assert name({"model_type": "longcat_flash", **LONGCAT}) == "longcat_flash"
+    assert name({"model_type": "longcat_flash_ngram", **LONGCAT_NGRAM}) == "longcat_flash"
 
 
 @pytest.mark.parametrize(
@@ -504,8 +655,6 @@ def test_config_matching():
             "dense Gemma 4",
         ),
         ({"model_type": "gemma4", "text_config": {"hidden_size": 64}}, "dense Gemma 4"),
-        ({"model_type": "longcat_flash", **LONGCAT}, "zero"),
-        ({"model_type": "longcat_flash_ngram"}, "identity"),
         ({"model_type": "muse_spark"}, "metal_kernel"),
     ],
 )
@@ -522,8 +671,6 @@ def test_declarations():
     by_name = {adapter.name: adapter for adapter in ADAPTERS}
     assert by_name["llama4"].num_experts_keys == ("text_config.num_local_experts",)
     assert set(by_name["gemma4"].num_experts_keys) == {"text_config.num_experts", "num_experts"}
-    assert set(by_name["deepseek_v41"].unsupported) == {
-        "longcat_flash",
-        "longcat_flash_ngram",
-        "muse_spark",
-    }
+    assert set(by_name["deepseek_v41"].unsupported) == {"muse_spark"}
+    assert by_name["dbrx"].num_experts_keys == ("ffn_config.moe_num_experts",)
+    assert by_name["longcat_flash"].num_experts_keys == ("n_routed_experts",)

@@ -313,13 +313,6 @@ def _dense(what: str) -> str:
     )
 
 
-_DBRX_REASON = (
-    "dbrx keeps its experts as a Python list of separate MLPs that the block calls one token at "
-    "a time (no stacked SwitchGLU called with (x, indices)), so the observer has no experts call "
-    "to record the block's selection and raw outputs, and pruning cannot slice stacked weights; "
-    "supporting it needs a core hook for list experts or converting the list into a SwitchGLU"
-)
-
 _DENSE_QWEN3_5 = _dense("no experts (num_experts is 0 or absent, mlx-lm's default for Qwen3.5)")
 
 
@@ -465,8 +458,6 @@ ADAPTERS = [
         router_family="B: softmax-all, top-k, renorm",
         route=softmax_all_topk(top_k="top_k", norm="norm_topk_prob"),
         num_experts_keys=("num_experts",),
-        # dbrx routes like olmoe (softmax, top-k, renorm) but its experts cannot be observed.
-        unsupported={"dbrx": _DBRX_REASON},
         notes="The block flattens tokens to (B*L, H) before routing and the experts call.",
     ),
     MoEAdapter(

@@ -1,7 +1,8 @@
-"""Adapters for architectures whose routing does not fit the common families: llama4 (the
-router score scales the expert *input*), gemma4 (a router on its own normalised input, beside a
-dense MLP) and deepseek_v41 (experts inside an ``Experts`` wrapper, a choice of score function);
-plus the reasons longcat_flash(_ngram) and muse_spark are not supported.
+"""Adapters for architectures whose routing or experts do not fit the common families: llama4
+(the router score scales the expert *input*), gemma4 (a router on its own normalised input,
+beside a dense MLP), deepseek_v41 (experts inside an ``Experts`` wrapper, a choice of score
+function), dbrx (experts as a list of separate MLPs, called one token at a time) and
+longcat_flash(_ngram) (zero-computation experts); plus the reason muse_spark is not supported.
 
 Every route below repeats the installed ``mlx_lm/models/<type>.py`` router operation by
 operation (same ``argpartition`` form, casts, epsilons), so the adapter selects exactly the
@@ -31,9 +32,27 @@ experts are ``<decoder>.experts.switch_glu``. Until the core can hook a router i
 from the block, ``mlxfun.core.inspect`` counts gemma4's experts under "other" (it looks for them
 at ``<path>.<experts_attr>``).
 
-longcat_flash's zero experts, once the core can observe them (see ``_LONGCAT_REASON``), should
-count in statistics over the real experts only, with the per-layer share of zero-expert slots
-reported beside them; ``longcat_route`` below already repeats the router.
+dbrx (``ListExpertsAdapter``): the block (in eval mode, as ``mlx_lm.load`` leaves it) calls
+``experts[e](x_t)`` for each token t and each of its k experts in turn. The observer hooks every
+expert module; the calls, in order, are the block's own selection and raw outputs, one
+(token, slot) each. In training mode the block calls each expert once on all its tokens, which
+cannot be attributed to slots: observing it is refused. Pruning drops the removed experts'
+tensors (``<ffn>.experts.<e>.{w1,v1,w2}``) and renumbers the kept ones (``slicing``).
+
+longcat_flash (``ZeroExpertsAdapter``): the router picks top-k of n_routed_experts +
+zero_expert_num experts; ids >= n_routed_experts are "zero-computation" experts whose output is
+the block's input (``zero_expert_type`` identity, the only type mlx-lm runs): the block adds
+weight * x for them, and passes expert 0 with weight 0 to the SwitchGLU in their slots. They are
+experts like the others for observation: the selection is the router module's own output
+(not the SwitchGLU's indices, where a zero slot looks like expert 0), f_j = x for a zero expert
+j (so sum_j w_j f_j is the block's output), and every statistic counts them (their frequency is
+the share of slots the model spends on no computation). They are not pruned: they hold no
+weights (only their router row and correction bias), so removing one saves nothing, sends the
+tokens that chose it to experts that compute, and changes the compute budget the model was
+trained for (its correction bias holds the average number of computing experts per token).
+``MoELayer.zero_experts`` marks them; prune selects among the stored experts only and keeps
+every zero expert, so ``zero_expert_num`` stays and ``n_routed_experts`` counts the kept
+stored experts.
 
 MLX is imported inside the functions so that listing plugins does not import it.
 """
@@ -48,11 +67,18 @@ from mlxfun.core.adapter import (
     expert_projections,
     get_path,
     sigmoid_scores,
+    softmax_scores,
+    with_scores,
 )
+from mlxfun.core.errors import MlxfunError
+
+from .softmax_family import RoutedAdapter
 
 LLAMA4_FAMILY = "special: top-1 sigmoid score scales the expert input"
 GEMMA4_FAMILY = "special: top-k logits on a normalised input, softmax over k, per-expert scale"
 DEEPSEEK_V41_FAMILY = "D: sigmoid|softmax|sqrt-softplus + bias, top-k, renorm, scaled"
+DBRX_FAMILY = "B: softmax-all, top-k, renorm"
+LONGCAT_FAMILY = "B: softmax-all + bias, top-k, renorm, scaled; zero experts"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +268,84 @@ def deepseek_v41_scores(block, logits):
 
 
 # ---------------------------------------------------------------------------------------------
-# longcat_flash (unsupported; the route is kept for when the core can observe zero experts)
+# dbrx
+
+
+def dbrx_logits(block, x):
+    """dbrx ``SparseMoeBlock``: tokens flattened to (tokens, H), then ``router`` (a Linear)."""
+    return block.router(x.reshape(-1, x.shape[-1]))
+
+
+def dbrx_route(block, logits):
+    """dbrx ``SparseMoeBlock``: softmax of the float32 logits,
+    ``argpartition(-gates, kth=k-1)[:, :k]``, the k scores divided by their L1 norm."""
+    import mlx.core as mx
+
+    k = block.num_experts_per_tok
+    gates = mx.softmax(logits.astype(mx.float32), axis=-1)
+    indices = mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k]
+    scores = mx.take_along_axis(gates, indices, axis=-1)
+    return indices, scores / mx.linalg.norm(scores, ord=1, axis=-1, keepdims=True)
+
+
+@attrs.define(kw_only=True, frozen=True)
+class ListExpertsAdapter(RoutedAdapter):
+    """Experts kept as a Python list of separate modules, ``<block>.<experts_attr>[e]``, that the
+    block calls one token at a time (dbrx; see the module docstring). ``MoELayer.experts`` is
+    the list."""
+
+    merge_unsupported = "its experts are separate modules, not stacked SwitchGLU weights"
+
+    def moe_layers(self, model) -> list[MoELayer]:
+        import mlx.nn as nn
+
+        layers = []
+        for path, module in model.named_modules():
+            experts = module.get(self.experts_attr) if isinstance(module, dict) else None
+            if not (isinstance(experts, list) and experts):
+                continue
+            if not all(isinstance(e, nn.Module) for e in experts):
+                continue
+            numbers = re.findall(r"\.(\d+)(?:\.|$)", path)
+            index = int(numbers[-1]) if numbers else 0
+            layers.append(MoELayer(0, index, path, module, experts, len(experts), 0))
+        layers.sort(key=lambda layer: layer.index)
+        for position, layer in enumerate(layers):
+            layer.position = position
+            layer.top_k = self.top_k(layer.block, model)
+        return layers
+
+    def observe_hooks(self, layer: MoELayer, record) -> list:
+        if layer.block.training:
+            raise MlxfunError(
+                f"{self.name}: the model is in training mode, where the block runs each expert "
+                "once on all its tokens and the calls cannot be matched to tokens; call "
+                "model.eval() first (mlx_lm.load does)"
+            )
+
+        def hook(expert):
+            def wrapper(module, call, x):
+                out = call(x)
+                if record.indices is None:
+                    record.indices, record.outputs = [], []
+                record.indices.append(expert)
+                record.outputs.append(out)
+                return out
+
+            return wrapper
+
+        return [(module, hook(e)) for e, module in enumerate(layer.experts)]
+
+    def expert_outputs(self, layer: MoELayer, x, indices):
+        """Every expert on all of ``x`` (batched, not token by token), then the chosen ones."""
+        import mlx.core as mx
+
+        every = mx.stack([expert(x) for expert in layer.experts], axis=-2)
+        return mx.take_along_axis(every, mx.expand_dims(indices, -1), axis=-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# longcat_flash
 
 
 def longcat_route(block, logits):
@@ -263,17 +366,49 @@ def longcat_route(block, logits):
     return indices, weights * router.routed_scaling_factor
 
 
-_LONGCAT_REASON = (
-    "the router picks top-k of n_routed_experts + zero_expert_num experts; the zero "
-    "(identity) experts are added by the block itself (weight * x) and in their slots the block "
-    "passes expert 0 with weight 0 to the SwitchGLU, so the experts call the observer records "
-    "cannot tell a zero-expert slot from a real choice of expert 0 and every statistic would "
-    "count zero-expert slots as expert 0. Supporting it needs a core change: the observer must "
-    "take the selection from the adapter's routing (checked against the experts call through "
-    "an adapter-defined index mapping) and LayerObservation needs a mask for slots that are "
-    "not real experts (statistics over real experts only, the zero-expert share reported "
-    "separately); pruning must also keep zero_expert_num and the router's zero-expert rows"
-)
+@attrs.define(kw_only=True, frozen=True)
+class ZeroExpertsAdapter(RoutedAdapter):
+    """A router over the stored experts plus ``<block>.<zero_attr>`` parameter-free identity
+    experts after them (longcat_flash; see the module docstring). ``router_module`` is the
+    module whose call returns the block's ``(indices, weights)``."""
+
+    router_module: str = "router"
+    zero_attr: str = "zero_expert_num"
+    merge_unsupported = "its zero (identity) experts have no weights to merge"
+
+    def moe_layers(self, model) -> list[MoELayer]:
+        layers = super().moe_layers(model)
+        for layer in layers:
+            layer.zero_experts = int(get_path(layer.block, self.zero_attr))
+            layer.num_experts += layer.zero_experts
+        return layers
+
+    def observe_hooks(self, layer: MoELayer, record) -> list:
+        import mlx.core as mx
+
+        stored = layer.num_experts - layer.zero_experts
+
+        def router(module, call, x, *args, **kwargs):
+            out = call(x, *args, **kwargs)
+            record.indices = out[0]
+            return out
+
+        def experts(module, call, x, indices, *args, **kwargs):
+            out = call(x, indices, *args, **kwargs)
+            zero = mx.expand_dims(record.indices >= stored, -1)
+            record.outputs = mx.where(zero, mx.expand_dims(x, -2), out)
+            return out
+
+        return [(get_path(layer.block, self.router_module), router), (layer.experts, experts)]
+
+    def expert_outputs(self, layer: MoELayer, x, indices):
+        """Stored experts through the SwitchGLU, zero experts the input itself."""
+        import mlx.core as mx
+
+        zero = indices >= layer.num_experts - layer.zero_experts
+        out = layer.experts(x, mx.where(zero, 0, indices))
+        return mx.where(mx.expand_dims(zero, -1), mx.expand_dims(x, -2), out)
+
 
 _MUSE_SPARK_REASON = (
     "its forward (routing in mlx_lm.kernels.expert_routing, norm_add_norm, "
@@ -352,16 +487,51 @@ ADAPTERS = [
         # ModelArgs reads text_config when the config has one: edit the keys that are present.
         num_experts_keys=("text_config.n_routed_experts", "n_routed_experts"),
         top_k_keys=("num_experts_per_tok", "text_config.num_experts_per_tok"),
-        unsupported={
-            "longcat_flash": _LONGCAT_REASON,
-            "longcat_flash_ngram": _LONGCAT_REASON,
-            "muse_spark": _MUSE_SPARK_REASON,
-        },
+        unsupported={"muse_spark": _MUSE_SPARK_REASON},
         notes="Experts sit in an Experts wrapper (mlp.experts.switch_mlp, clamped SwiGLU "
         "swiglu_limit); self_attn.o_a_proj is a grouped-output SwitchLinear, not an expert. The "
         "router is a raw float32 (E, H) array (gate.weight) with a float32 "
         "e_score_correction_bias; scoring_func sigmoid, softmax or sqrtsoftplus (the default "
         "and any other value), divided by gate_temp first. The shared expert is ungated. "
         "deepseek_v41_text is mlx-lm's alias.",
+    ),
+    ListExpertsAdapter(
+        name="dbrx",
+        model_types=("dbrx",),
+        description="DBRX: softmax over all experts, top-k, L1-renormalised; experts as a list of MLPs",
+        router_family=DBRX_FAMILY,
+        experts_attr="experts",
+        router_attr="router.layer",
+        logits=dbrx_logits,
+        route=with_scores(dbrx_route, softmax_scores),
+        num_experts_keys=("ffn_config.moe_num_experts",),
+        top_k_keys=("ffn_config.moe_top_k",),
+        weights_in_input_dtype=True,
+        notes="Blocks are transformer.blocks[i].ffn; experts[e] is an MLP (w1 gate, v1 up, w2 "
+        "down, separate Linear layers, one tensor each in the checkpoint: mlx-lm's sanitize "
+        "splits Hugging Face's stacked experts.mlp.{w1,v1,w2}). The block calls the experts one "
+        "token at a time in eval mode (observed through a hook on every expert module) and "
+        "casts the weights to the input dtype. Pruning drops the removed experts' tensors and "
+        "renumbers the kept ones.",
+    ),
+    ZeroExpertsAdapter(
+        name="longcat_flash",
+        model_types=("longcat_flash", "longcat_flash_ngram"),
+        description="LongCat-Flash: softmax + bias top-k over experts and identity zero experts, scaled",
+        router_family=LONGCAT_FAMILY,
+        router_attr="router.classifier",
+        route=with_scores(longcat_route, softmax_scores),
+        correction_bias_attr="router.e_score_correction_bias",
+        num_experts_keys=("n_routed_experts",),
+        top_k_keys=("moe_topk",),
+        weights_in_input_dtype=True,
+        notes="Experts 0..n_routed_experts-1 are the SwitchGLU's (model.layers[i].mlp.switch_mlp), "
+        "the zero_expert_num after them are identity experts (output = the block's input); "
+        "they are observed and scored, never pruned (MoELayer.zero_experts; see the module "
+        "docstring). The router (router.classifier, 8-bit in mlx-lm's quantization, optional "
+        "bias) and the float32 e_score_correction_bias have n_routed_experts + zero_expert_num "
+        "rows. The MoE block runs beside the decoder layer's two dense MLPs (not shared "
+        "experts: they are in series with the attention). longcat_flash_ngram has the same "
+        "layers under an n-gram embedding.",
     ),
 ]

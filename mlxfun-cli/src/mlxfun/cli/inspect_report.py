@@ -81,6 +81,8 @@ def describe_model(model_dir) -> dict:
     num_layers = config.get("num_hidden_layers") or config.get("text_config", {}).get(
         "num_hidden_layers"
     )
+    if num_layers is None and isinstance(getattr(model, "layers", None), list):
+        num_layers = len(model.layers)  # dbrx (n_layers), longcat_flash (num_layers), ...
     return {
         "model_type": config.get("model_type"),
         "adapter": adapter.name,

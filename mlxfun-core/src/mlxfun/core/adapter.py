@@ -41,8 +41,12 @@ class MoELayer:
     path: str  # dotted path of the block from the model root, e.g. "model.layers.3.mlp"
     block: Any = attrs.field(repr=False)
     experts: Any = attrs.field(repr=False)
-    num_experts: int = 0
+    num_experts: int = 0  # experts the router can pick
     top_k: int = 0
+    # The last ``zero_experts`` of them are parameter-free experts that the block computes
+    # itself (longcat_flash's identity experts): they have no weights in ``experts`` and
+    # pruning keeps them.
+    zero_experts: int = 0
 
 
 def get_path(obj, path: str):
@@ -68,6 +72,19 @@ def has_path(obj, path: str) -> bool:
 def expert_projections(experts) -> list[str]:
     """The stacked projections (SwitchLinear-like children) of an experts module."""
     return [name for name in EXPERT_PROJECTIONS if has_path(experts, f"{name}.weight")]
+
+
+def stacked_experts_hooks(layer: MoELayer, record) -> list:
+    """The observer's default experts hook: the stacked experts call ``experts(x, indices)``
+    records the indices it received and its raw outputs."""
+
+    def wrapper(module, call, x, indices, *args, **kwargs):
+        out = call(x, indices, *args, **kwargs)
+        record.indices = indices
+        record.outputs = out
+        return out
+
+    return [(layer.experts, wrapper)]
 
 
 def _is_stacked_experts(module) -> bool:
@@ -185,6 +202,14 @@ class MoEAdapter:
         logits = self.router_logits(block, x)
         indices, weights = self.route(block, logits)
         return indices, weights, logits
+
+    def observe_hooks(self, layer: MoELayer, record) -> list:
+        """``(module, wrapper)`` pairs (``hooks.call_hooks``) that record, while the block runs,
+        the experts it used and their raw outputs: they set ``record.indices`` (..., k) and
+        ``record.outputs`` (..., k, hidden) as MLX arrays, or append to them as lists with one
+        entry per (token, slot) in token order (experts called one token at a time). The
+        observer resets both when the block is called. Default: ``stacked_experts_hooks``."""
+        return stacked_experts_hooks(layer, record)
 
     def expert_outputs(self, layer: MoELayer, x, indices):
         """Raw outputs f_j(x) of the given experts (no gate weight), shape (..., k, hidden)."""

@@ -1,8 +1,9 @@
 """Router-faithful observation of MoE layers during an ordinary forward pass.
 
-Two hooks per MoE layer: one on the block records its input ``x``; one on the experts module
-records the indices it received and its raw outputs f_j(x) (before the gate weights multiply
-them). After the forward, the adapter recomputes the routing from ``x`` and we check that its
+Per MoE layer, one hook on the block records its input ``x``; the adapter's ``observe_hooks``
+record the experts the block used and their raw outputs f_j(x) (before the gate weights
+multiply them): by default one hook on the stacked experts call, which receives the indices.
+After the forward, the adapter recomputes the routing from ``x`` and we check that its
 selection equals what the block actually used, so the gate weights we report are the model's.
 The forward's outputs are the un-hooked ones: the hooks only read.
 """
@@ -10,7 +11,7 @@ The forward's outputs are the un-hooked ones: the hooks only read.
 import attrs
 import numpy as np
 
-from .adapter import MoEAdapter, MoELayer
+from .adapter import MoEAdapter, MoELayer, stacked_experts_hooks
 from .hooks import call_hooks
 from .types import LayerObservation
 
@@ -42,26 +43,18 @@ class Observer:
 
     def _hooks(self):
         hooks = []
+        experts_hooks = getattr(self.adapter, "observe_hooks", None) or stacked_experts_hooks
         for layer, record in zip(self.layers, self.records):
             hooks.append((layer.block, self._block_hook(record)))
-            hooks.append((layer.experts, self._experts_hook(record)))
+            hooks.extend(experts_hooks(layer, record))
         return hooks
 
     @staticmethod
     def _block_hook(record):
         def wrapper(module, call, x, *args, **kwargs):
             record.x = x
+            record.indices = record.outputs = None
             return call(x, *args, **kwargs)
-
-        return wrapper
-
-    @staticmethod
-    def _experts_hook(record):
-        def wrapper(module, call, x, indices, *args, **kwargs):
-            out = call(x, indices, *args, **kwargs)
-            record.indices = indices
-            record.outputs = out
-            return out
 
         return wrapper
 
@@ -82,6 +75,9 @@ class Observer:
             if record.x is None or record.indices is None:
                 raise RuntimeError(f"MoE layer {layer.index} was not called in the forward")
             indices, weights, logits = self.adapter.routing(layer.block, record.x)
+            if isinstance(record.indices, list):  # one entry per (token, slot)
+                record.indices = mx.array(record.indices)
+                record.outputs = mx.stack(record.outputs)
             item = {
                 "used": record.indices,
                 "indices": indices,

@@ -8,7 +8,14 @@ module, the router and the correction bias. Every tensor under the experts modul
 quantization scales and biases, expert biases), every tensor of a router module (``Linear`` or
 ``QuantizedLinear``: weight, bias, scales, biases), a raw router array, the correction bias and
 an adapter's ``per_expert_attrs`` have the expert axis first and lose the rows of the removed
-experts; shared experts and everything else are copied unchanged.
+experts; shared experts and everything else are copied unchanged. Two layouts differ:
+
+- experts kept as a list of separate modules (dbrx: ``<experts>.<e>.w1.weight``, one tensor
+  per expert and projection) lose the removed experts' tensors; the kept ones are renumbered
+  0, 1, ... in order (names change, bytes do not), and the index's weight map with them;
+- a layer with zero experts (``MoELayer.zero_experts``: parameter-free experts after the
+  stored ones, longcat_flash) has router rows for every expert but expert tensors for the
+  stored ones only; the zero experts are never removed.
 
 The shards are rewritten at the byte level: a safetensors file is a JSON header followed by
 the raw row-major bytes of each tensor, so the kept experts of a tensor are contiguous byte
@@ -109,9 +116,37 @@ class LayerPlan:
     names: list[str]  # single tensors with the expert axis first
     shared: list[str]  # shared-expert modules (kept as they are)
     expert_parameters: int = 0  # parameters per expert (unquantized), for the index metadata
+    zero_experts: int = 0  # parameter-free experts after the stored ones: router rows only
+    numbered: bool = False  # separate expert modules: expert e's tensors are <prefixes[0]>.<e>.*
 
     def owns(self, name: str) -> bool:
         return name in self.names or any(name.startswith(p + ".") for p in self.prefixes)
+
+    def in_experts(self, name: str) -> bool:
+        return name.startswith(self.prefixes[0] + ".")
+
+    def axis_size(self, name: str) -> int:
+        """The length of an owned stacked tensor's expert axis."""
+        return self.num_experts - self.zero_experts if self.in_experts(name) else self.num_experts
+
+    def rows(self, name: str, keep) -> list[int]:
+        """The rows of an owned stacked tensor that stay: the kept experts it has."""
+        return [e for e in keep if e < self.axis_size(name)]
+
+    def expert_of(self, name: str) -> int | None:
+        """The expert of a tensor of a numbered experts list, else ``None``."""
+        if not (self.numbered and self.in_experts(name)):
+            return None
+        head = name[len(self.prefixes[0]) + 1 :].split(".", 1)[0]
+        return int(head) if head.isdigit() else None
+
+    def renamed(self, name: str, keep) -> str | None:
+        """A numbered expert tensor's name after pruning (``None``: removed)."""
+        expert = self.expert_of(name)
+        if expert not in keep:
+            return None
+        rest = name[len(self.prefixes[0]) + 1 :].split(".", 1)[1]
+        return f"{self.prefixes[0]}.{list(keep).index(expert)}.{rest}"
 
 
 def decoder_path(path: str) -> str:
@@ -129,15 +164,30 @@ def _is_array(value) -> bool:
     return isinstance(value, mx.array)
 
 
+def _parameter_count(value) -> int:
+    """Parameters of a module, an array or a list of modules."""
+    from mlx.utils import tree_flatten
+
+    if _is_array(value):
+        return value.size
+    if isinstance(value, list):
+        return sum(_parameter_count(v) for v in value)
+    return sum(v.size for _, v in tree_flatten(value.parameters()))
+
+
 def layer_plans(model, adapter) -> list[LayerPlan]:
     """One ``LayerPlan`` per MoE layer of a (skeleton) model, in the adapter's order."""
     import mlx.nn as nn
-    from mlx.utils import tree_flatten
 
     paths = {id(module): path for path, module in model.named_modules()}
     plans = []
     for layer in adapter.moe_layers(model):
-        experts_path = paths.get(id(layer.experts))
+        numbered = isinstance(layer.experts, list)
+        if numbered:  # separate expert modules: the list's path, from its first expert's
+            first = paths.get(id(layer.experts[0])) if layer.experts else None
+            experts_path = first.rpartition(".")[0] if first else None
+        else:
+            experts_path = paths.get(id(layer.experts))
         if experts_path is None:
             raise MlxfunError(f"{adapter.name}: cannot locate the experts of layer {layer.index}")
         prefixes, names = [experts_path], []
@@ -161,12 +211,14 @@ def layer_plans(model, adapter) -> list[LayerPlan]:
             if attr and has_path(layer.block, attr) and _is_array(get_path(layer.block, attr)):
                 names.append(f"{layer.path}.{attr}")
         shared = [f"{layer.path}.{s}" for s in adapter.shared_attrs]
-        parameters = 0
-        for prefix in prefixes:
-            module = get_path(model, prefix)
-            parameters += sum(v.size for _, v in tree_flatten(module.parameters()))
-        for name in names:
-            parameters += get_path(model, name).size
+        zero = getattr(layer, "zero_experts", 0)
+        stored = max(layer.num_experts - zero, 1)
+        experts = _parameter_count(get_path(model, prefixes[0]))
+        routers = sum(_parameter_count(get_path(model, p)) for p in [*prefixes[1:], *names])
+        if zero:  # the router has rows for the zero experts, the experts module does not
+            per_expert = experts // stored + routers // layer.num_experts
+        else:
+            per_expert = (experts + routers) // max(layer.num_experts, 1)
         plans.append(
             LayerPlan(
                 position=layer.position,
@@ -178,10 +230,29 @@ def layer_plans(model, adapter) -> list[LayerPlan]:
                 prefixes=prefixes,
                 names=names,
                 shared=shared,
-                expert_parameters=parameters // max(layer.num_experts, 1),
+                expert_parameters=per_expert,
+                zero_experts=zero,
+                numbered=numbered,
             )
         )
     return plans
+
+
+def _check_owned(plan: LayerPlan, name: str, shape) -> None:
+    if plan.numbered and plan.in_experts(name):
+        expert = plan.expert_of(name)
+        if expert is None or expert >= plan.num_experts:
+            raise MlxfunError(
+                f"{name} is not a tensor of experts 0..{plan.num_experts - 1} under "
+                f"{plan.prefixes[0]}; this checkpoint does not match its config"
+            )
+        return
+    expected = plan.axis_size(name)
+    if not shape or shape[0] != expected:
+        raise MlxfunError(
+            f"{name} has shape {shape}, expected {expected} experts on its first axis; this "
+            "checkpoint does not match its config"
+        )
 
 
 def assign_tensors(plans: list[LayerPlan], headers: dict[str, dict]) -> dict[str, LayerPlan]:
@@ -193,12 +264,7 @@ def assign_tensors(plans: list[LayerPlan], headers: dict[str, dict]) -> dict[str
         for name, info in infos.items():
             for plan in plans:
                 if plan.owns(name):
-                    shape = info["shape"]
-                    if not shape or shape[0] != plan.num_experts:
-                        raise MlxfunError(
-                            f"{name} has shape {shape}, expected {plan.num_experts} experts "
-                            "on its first axis; this checkpoint does not match its config"
-                        )
+                    _check_owned(plan, name, info["shape"])
                     owner[name] = plan
                     break
     for plan in plans:
@@ -286,9 +352,13 @@ def _copy_range(src, dst, offset: int, length: int) -> None:
         length -= got
 
 
-def slice_shard(source, destination, keep_by_name: dict[str, list[int]]) -> int:
+def slice_shard(
+    source, destination, keep_by_name: dict[str, list[int]], renames: dict | None = None
+) -> int:
     """Write ``source`` to ``destination`` with each named tensor cut to the experts in
-    ``keep_by_name[name]`` (axis 0). Returns the bytes of tensor data written."""
+    ``keep_by_name[name]`` (axis 0) and the tensors in ``renames`` renamed (to ``None``:
+    left out). Returns the bytes of tensor data written."""
+    renames = renames or {}
     header, data_start = read_header(source)
     metadata = header.get("__metadata__")
     entries = sorted(tensor_infos(header).items(), key=lambda kv: kv[1]["data_offsets"][0])
@@ -296,6 +366,9 @@ def slice_shard(source, destination, keep_by_name: dict[str, list[int]]) -> int:
     pieces: list[list[int]] = []  # [source offset, length], merged when contiguous
     offset = 0
     for name, info in entries:
+        new_name = renames.get(name, name)
+        if new_name is None:
+            continue
         begin, end = info["data_offsets"]
         shape = list(info["shape"])
         ranges = [(begin, end - begin)]
@@ -307,7 +380,7 @@ def slice_shard(source, destination, keep_by_name: dict[str, list[int]]) -> int:
             ranges = [(begin + a * per_expert, (b - a) * per_expert) for a, b in _runs(keep)]
             shape[0] = len(keep)
         length = sum(size for _, size in ranges)
-        new_header[name] = {
+        new_header[new_name] = {
             "dtype": info["dtype"],
             "shape": shape,
             "data_offsets": [offset, offset + length],
@@ -334,17 +407,34 @@ def slice_checkpoint(source_dir, output_dir, owner: dict[str, LayerPlan], keep) 
     source_dir, output_dir = Path(source_dir), Path(output_dir)
     headers = read_headers(source_dir)
     before = after = 0
+    renames: dict[str, str | None] = {}
     for shard, infos in headers.items():
-        cut = {name: list(keep[owner[name].position]) for name in infos if name in owner}
+        cut, moved = {}, {}
+        for name in infos:
+            plan = owner.get(name)
+            if plan is None:
+                continue
+            kept = keep[plan.position]
+            if plan.expert_of(name) is not None:
+                moved[name] = plan.renamed(name, kept)
+            else:
+                cut[name] = plan.rows(name, kept)
+        renames.update(moved)
         before += sum(tensor_bytes(i) for i in infos.values())
-        if cut:
-            after += slice_shard(source_dir / shard, output_dir / shard, cut)
+        if cut or moved:
+            after += slice_shard(source_dir / shard, output_dir / shard, cut, moved)
         else:
             shutil.copyfile(source_dir / shard, output_dir / shard)
             after += sum(tensor_bytes(i) for i in infos.values())
     index = source_dir / INDEX_FILE
     if index.is_file():
         data = json.loads(index.read_text())
+        if renames and isinstance(data.get("weight_map"), dict):
+            data["weight_map"] = {
+                renames.get(name, name): shard
+                for name, shard in data["weight_map"].items()
+                if renames.get(name, name) is not None
+            }
         metadata = data.setdefault("metadata", {})
         metadata["total_size"] = after
         if "total_parameters" in metadata:
@@ -364,7 +454,12 @@ def size_after(headers: dict[str, dict], owner: dict[str, LayerPlan], keep) -> t
             size = tensor_bytes(info)
             before += size
             plan = owner.get(name)
-            after += size if plan is None else size * len(keep[plan.position]) // plan.num_experts
+            if plan is None:
+                after += size
+            elif plan.expert_of(name) is not None:
+                after += size if plan.expert_of(name) in keep[plan.position] else 0
+            else:
+                after += size * len(plan.rows(name, keep[plan.position])) // plan.axis_size(name)
     return before, after
 
 

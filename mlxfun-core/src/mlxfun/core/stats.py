@@ -92,9 +92,12 @@ def config_hash(config: dict) -> str:
 def expert_shapes(experts) -> dict[str, list[int]]:
     """Logical shapes of an experts module's stacked tensors: ``[experts, out, in]`` per
     projection weight (unquantized, so a float model and its quantized conversion agree) and
-    ``[experts, out]`` per expert bias."""
+    ``[experts, out]`` per expert bias. Experts kept as a list of separate modules (dbrx) give
+    the same for each Linear of the first expert."""
     from .adapter import expert_projections, get_path, has_path
 
+    if isinstance(experts, list):
+        return _list_expert_shapes(experts)
     shapes = {}
     for name in expert_projections(experts):
         proj = get_path(experts, name)
@@ -105,6 +108,20 @@ def expert_shapes(experts) -> dict[str, list[int]]:
         shapes[f"{name}.weight"] = shape
         if has_path(proj, "bias"):
             shapes[f"{name}.bias"] = [int(d) for d in proj.bias.shape]
+    return shapes
+
+
+def _list_expert_shapes(experts: list) -> dict[str, list[int]]:
+    shapes = {}
+    for name, module in experts[0].named_modules() if experts else ():
+        if "weight" not in module or module["weight"].ndim != 2:
+            continue
+        out, inputs = (int(d) for d in module["weight"].shape)
+        if "scales" in module:  # packed: 32 // bits values per uint32
+            inputs = inputs * 32 // module.bits
+        shapes[f"{name}.weight"] = [len(experts), out, inputs]
+        if "bias" in module:
+            shapes[f"{name}.bias"] = [len(experts), int(module["bias"].shape[0])]
     return shapes
 
 

@@ -12,6 +12,12 @@ number of experts from every group (the selectors' ``groups`` option), so each g
 experts and its meaning, and ``n_group`` / ``topk_group`` stay. Each group keeps at least 2
 experts (mlx-lm scores a group by the sum of its top two), and the ``topk_group`` best groups
 keep at least top-k experts between them.
+
+Zero experts (``LayerPlan.zero_experts``, longcat_flash's identity experts) are observed and
+scored like the others, but they have no weights: removing one saves nothing and sends its
+tokens to experts that compute. The selector chooses among the stored experts only (``n``,
+``ratio`` and ``min_keep`` count those) and every zero expert is kept; the config's expert
+count is the stored experts kept.
 """
 
 import datetime
@@ -180,6 +186,40 @@ def router_groups(adapter, block) -> tuple[int, int]:
     return groups, topk if isinstance(topk, int) and topk > 0 else groups
 
 
+def _stored(plan) -> int:
+    """The experts of a layer that have weights (all but its zero experts)."""
+    return plan.num_experts - plan.zero_experts
+
+
+def _zero_expert_options(plans, protect: dict, target: dict) -> dict:
+    """``protect`` without zero experts (kept anyway); zero experts in ``target`` are refused."""
+    for position, experts in target.items():
+        plan = plans[position]
+        zero = [e for e in experts if _stored(plan) <= e < plan.num_experts]
+        if zero:
+            raise MlxfunError(
+                f"--target: experts {zero} of layer {plan.index} are zero (parameter-free) "
+                f"experts, which pruning always keeps; target experts 0..{_stored(plan) - 1}"
+            )
+    return {
+        position: [
+            e for e in experts if not _stored(plans[position]) <= e < plans[position].num_experts
+        ]
+        for position, experts in protect.items()
+    }
+
+
+def _with_zero_experts(selection, plans):
+    """The keep map with every layer's zero experts added (they are always kept)."""
+    from mlxfun.core.types import Selection
+
+    keep = {
+        plan.position: [*selection.keep[plan.position], *range(_stored(plan), plan.num_experts)]
+        for plan in plans
+    }
+    return Selection(keep, selection.removed, [plan.num_experts for plan in plans])
+
+
 def _validate(selection, plans, groups: int, selector_name: str) -> None:
     """A third-party selector's answer must be a proper keep map before anything is written."""
     for plan in plans:
@@ -188,10 +228,10 @@ def _validate(selection, plans, groups: int, selector_name: str) -> None:
             raise MlxfunError(
                 f"selector {selector_name!r} gave no keep list for layer {plan.index}"
             )
-        if sorted(set(keep)) != list(keep) or not all(0 <= e < plan.num_experts for e in keep):
+        if sorted(set(keep)) != list(keep) or not all(0 <= e < _stored(plan) for e in keep):
             raise MlxfunError(
                 f"selector {selector_name!r} kept {keep} in layer {plan.index}: not sorted, "
-                f"unique ids in 0..{plan.num_experts - 1}"
+                f"unique ids in 0..{_stored(plan) - 1}"
             )
         if len(keep) < plan.top_k:
             raise MlxfunError(
@@ -199,7 +239,7 @@ def _validate(selection, plans, groups: int, selector_name: str) -> None:
                 f"fewer than top-k {plan.top_k}"
             )
         if groups > 1:
-            size = plan.num_experts // groups
+            size = _stored(plan) // groups
             counts = {sum(1 for e in keep if e // size == g) for g in range(groups)}
             if len(counts) != 1:
                 raise MlxfunError(
@@ -288,8 +328,7 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
     selection = _select(request, selector, scores, plans, groups, min_keep)
     headers = slicing.read_headers(source)
     owner = slicing.assign_tensors(plans, headers)
-    kept = [len(selection.keep[plan.position]) for plan in plans]
-    new_config, model_file = _pruned_config(config, adapter, plans, kept)
+    new_config, model_file = _pruned_config(config, adapter, plans, selection)
     summary = _summary(request, adapter, scores, plans, selection, groups, headers, owner)
     provenance = _provenance(
         request, method, fingerprint, stats, plans, selection, min_keep, groups, summary
@@ -375,14 +414,20 @@ def _min_keep(request: PruneRequest, adapter, plans, groups: int, topk_group: in
 
 
 def _select(request: PruneRequest, selector, scores, plans, groups: int, min_keep: list[int]):
-    """The selector's keep map, checked before anything is written."""
+    """The selector's keep map, checked before anything is written. The selector chooses among
+    the stored experts; zero experts are added to the keep map afterwards (always kept)."""
     layer_indices = [plan.index for plan in plans]
+    protect = _to_positions(request.protect, layer_indices, "--protect")
+    target = _to_positions(request.target, layer_indices, "--target")
+    zero_experts = any(plan.zero_experts for plan in plans)
+    if zero_experts:
+        protect = _zero_expert_options(plans, protect, target)
     options = {
         "top_k": [plan.top_k for plan in plans],
         "min_keep": min_keep,
-        "num_experts": [plan.num_experts for plan in plans],
-        "protect": _to_positions(request.protect, layer_indices, "--protect"),
-        "target": _to_positions(request.target, layer_indices, "--target"),
+        "num_experts": [_stored(plan) for plan in plans],
+        "protect": protect,
+        "target": target,
         "groups": groups,
         "normalize": request.normalize,
         "layer_indices": layer_indices,
@@ -393,23 +438,32 @@ def _select(request: PruneRequest, selector, scores, plans, groups: int, min_kee
         options["ratio"] = request.ratio
     selection = selector.select(np.asarray(scores), **options)
     _validate(selection, plans, groups, request.selector)
+    if zero_experts:
+        selection = _with_zero_experts(selection, plans)
     return selection
 
 
-def _pruned_config(config: dict, adapter, plans, kept: list[int]) -> tuple[dict, str | None]:
+def _config_counts(plans, selection) -> list[int]:
+    """The experts with weights each layer keeps: what the config counts (longcat's zero
+    experts have their own key)."""
+    return [len(selection.keep[plan.position]) - plan.zero_experts for plan in plans]
+
+
+def _pruned_config(config: dict, adapter, plans, selection) -> tuple[dict, str | None]:
     """``(config, model file source or None)`` of the pruned model: uniform counts edit the
     expert-count keys, different counts per layer need mlxfun's non-uniform model file."""
     from mlxfun.core import nonuniform
 
+    counts = _config_counts(plans, selection)
     keys = nonuniform.present_keys(config, adapter.num_experts_keys)
-    for count in sorted(set(kept)):
+    for count in sorted(set(counts)):
         if not adapter.matches(nonuniform.uniform_config(config, keys, count)):
             raise MlxfunError(
                 f"{adapter.name}: a layer with {count} experts is no longer an MoE layer for "
                 f"mlx-lm; keep more experts (--min-keep)"
             )
-    if len(set(kept)) == 1:
-        return nonuniform.uniform_config(config, keys, kept[0]), None
+    if len(set(counts)) == 1:
+        return nonuniform.uniform_config(config, keys, counts[0]), None
     modules = [plan.module for plan in plans]
     if len(set(modules)) != len(modules):
         raise MlxfunError(
@@ -418,7 +472,7 @@ def _pruned_config(config: dict, adapter, plans, kept: list[int]) -> tuple[dict,
         )
     layers_spec = [
         {"layer": plan.index, "module": plan.module, "num_experts": count}
-        for plan, count in zip(plans, kept)
+        for plan, count in zip(plans, counts)
     ]
     return nonuniform.nonuniform_config(config, keys, layers_spec)
 
@@ -439,7 +493,7 @@ def _summary(request: PruneRequest, adapter, scores, plans, selection, groups, h
         "adapter": adapter.name,
         "scorer": request.scorer,
         "selector": request.selector,
-        "uniform": len(set(kept)) == 1,
+        "uniform": len(set(_config_counts(plans, selection))) == 1,
         "groups": groups,
         "removed": selection.total_removed,
         "experts_before": sum(plan.num_experts for plan in plans),

@@ -575,6 +575,9 @@ def merge(request: MergeRequest) -> dict:
             f"{plan.adapter.name}: its experts scale their input by the router score; ream "
             f"supports {SUPPORTED}"
         )
+    refusal = getattr(plan.adapter, "merge_unsupported", "")
+    if refusal:
+        raise MlxfunError(f"{plan.adapter.name}: {refusal}; ream supports {SUPPORTED}")
     summary = plan.summary
     summary["method"] = "ream"
     summary["group_size"] = request.group_size
