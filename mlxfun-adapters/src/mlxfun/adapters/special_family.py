@@ -29,7 +29,7 @@ gemma4 has no MoE block module: the decoder layer calls ``router(h)`` and ``expe
 itself, on the post-attention h, while its own input is the pre-attention stream. The core
 observer routes from the block's input, so the MoE layers' block (and path) is the router; the
 experts are ``<decoder>.experts.switch_glu``. Until the core can hook a router input separately
-from the block, ``mlxfun.core.inspect`` counts gemma4's experts under "other" (it looks for them
+from the block, ``mlxfun inspect`` counts gemma4's experts under "other" (it looks for them
 at ``<path>.<experts_attr>``).
 
 dbrx (``ListExpertsAdapter``): the block (in eval mode, as ``mlx_lm.load`` leaves it) calls
