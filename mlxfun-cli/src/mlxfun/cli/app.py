@@ -6,6 +6,7 @@ stay fast. Plugins add commands through the ``register_commands`` hook.
 """
 
 import importlib
+import os
 import sys
 
 import typer
@@ -21,6 +22,15 @@ COMMAND_MODULES = (
     "merge_cmd",
     "check_cmd",
 )
+
+
+# --debug (or MLXFUN_DEBUG=1): a failure also prints its traceback; main() resets it per run.
+_debug = False
+
+
+def _set_debug(value: bool):
+    global _debug
+    _debug = _debug or value
 
 
 def _version(value: bool):
@@ -43,6 +53,12 @@ def build_app() -> typer.Typer:
         version: bool = typer.Option(
             False, "--version", callback=_version, is_eager=True, help="Show the version."
         ),
+        debug: bool = typer.Option(
+            False,
+            "--debug",
+            callback=_set_debug,
+            help="Print the traceback of a failure (also MLXFUN_DEBUG=1).",
+        ),
     ):
         """Compress and steer Mixture-of-Experts models with MLX."""
 
@@ -62,11 +78,21 @@ def build_app() -> typer.Typer:
     return app
 
 
+def _traceback_if_debug(exc: BaseException) -> None:
+    if _debug:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _debug
+    _debug = os.environ.get("MLXFUN_DEBUG") == "1"
     try:
         app = build_app()  # loads plugins: strict mode may raise here
         app(args=argv, standalone_mode=False)
     except MlxfunError as exc:
+        _traceback_if_debug(exc)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -85,7 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, click.exceptions.Abort):
             print("aborted", file=sys.stderr)
             return 1
-        raise
+        from mlxfun.core import plugins
+
+        failed = plugins.failed_plugin(exc)  # a plugin raised: one line, not a traceback
+        if failed is None:
+            raise
+        _traceback_if_debug(exc)
+        print(f"error: {plugins.plugin_failure_message(failed, exc)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -31,58 +31,28 @@ def register(app: typer.Typer) -> None:
         json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ):
         """Collect routing statistics (REAP, EAN, frequency, ...) in one pass."""
-        from mlxfun.core import plugins
-        from mlxfun.core.collect import collect_stats, layer_summary, with_seed
-        from mlxfun.core.config import read_config
-        from mlxfun.core.datasets import load_samples, tokenize_samples
-        from mlxfun.core.errors import MlxfunError
-        from mlxfun.core.models import load_model
-        from mlxfun.core.outputs import check_output_file
-        from mlxfun.core.stats import model_fingerprint, save_stats
+        from mlxfun.core.collect import CollectRequest
+        from mlxfun.core.collect import collect as run_collect
 
-        if max_tokens <= 0 or batch_size <= 0:
-            raise MlxfunError("--max-tokens and --batch-size must be positive")
-        check_output_file(output, inputs=[model, *dataset])
-        config = read_config(model)
-        adapter = plugins.adapter_for_config(config)
-        names = (
-            [n.strip() for n in scorers.split(",") if n.strip()]
-            if scorers
-            else plugins.plugin_names("scorer")
+        request = CollectRequest(
+            model=model,
+            datasets=dataset,
+            output=output,
+            scorers=[n.strip() for n in scorers.split(",") if n.strip()] if scorers else None,
+            max_samples=max_samples,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            seed=seed,
         )
-        chosen = with_seed([plugins.get_scorer(n) for n in names], seed)
-        samples = load_samples(dataset, max_samples=max_samples, seed=seed)
-        loaded, tokenizer, config = load_model(model)
-        sequences = tokenize_samples(samples, tokenizer, max_tokens)
-        collector, layers = collect_stats(loaded, adapter, sequences, chosen, batch_size)
-        scores = collector.scores()
-        tokens_seen = int(sum(len(s) for s in sequences))
-        metadata = {
-            "fingerprint": model_fingerprint(config, layers),
-            "moe_layers": [layer.index for layer in layers],
-            "model": str(model),
-            "adapter": adapter.name,
-            "datasets": [str(p) for p in dataset],
-            "samples": len(sequences),
-            "tokens_seen": tokens_seen,
-            "max_samples": max_samples,
-            "max_tokens": max_tokens,
-            "seed": seed,
-        }
-        save_stats(output, scores, collector.accumulators, collector.token_counts, metadata)
-        rows = layer_summary(scores, collector.token_counts, metadata["moe_layers"], None)
+        summary = run_collect(request)
         if json_output:
             print_json(
-                {
-                    "output": str(output),
-                    "tokens_seen": tokens_seen,
-                    "scorers": sorted(scores),
-                    "layers": rows,
-                }
+                {key: summary[key] for key in ("output", "tokens_seen", "scorers", "layers")}
             )
             return
-        print_table(rows)
+        print_table(summary["layers"])
         print(
-            f"\n{tokens_seen} tokens from {len(sequences)} samples; scorers: {', '.join(sorted(scores))}"
+            f"\n{summary['tokens_seen']} tokens from {summary['samples']} samples; scorers: "
+            f"{', '.join(summary['scorers'])}"
         )
-        print(f"wrote {output}")
+        print(f"wrote {summary['output']}")

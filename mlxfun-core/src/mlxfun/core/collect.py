@@ -1,6 +1,7 @@
 """One calibration pass that feeds every requested scorer (``mlxfun collect``)."""
 
 import time
+from pathlib import Path
 
 import attrs
 import numpy as np
@@ -47,6 +48,69 @@ def collect_stats(model, adapter, sequences, scorers, batch_size: int = 4, progr
     return collector, layers
 
 
+@attrs.define(kw_only=True)
+class CollectRequest:
+    """What ``mlxfun collect`` asks for."""
+
+    model: Path = attrs.field(converter=Path)
+    datasets: list = attrs.field(converter=lambda v: [Path(p) for p in v])
+    output: Path = attrs.field(converter=Path)
+    scorers: list[str] | None = None  # None: every installed scorer
+    max_samples: int | None = None
+    max_tokens: int = 512
+    batch_size: int = 4
+    seed: int = 0
+    progress: bool = True
+
+
+def collect(request: CollectRequest) -> dict:
+    """``mlxfun collect``: observe the model on the datasets, feed the scorers, write the stats
+    file (nothing is written unless the whole pass succeeds). Returns the summary: ``output``,
+    ``tokens_seen``, ``samples``, ``scorers`` and the per-layer ``layers`` rows."""
+    from . import plugins
+    from .config import read_config
+    from .datasets import load_samples, tokenize_samples
+    from .errors import MlxfunError
+    from .models import load_model
+    from .outputs import check_output_file
+    from .stats import save_stats
+
+    if request.max_tokens <= 0 or request.batch_size <= 0:
+        raise MlxfunError("--max-tokens and --batch-size must be positive")
+    check_output_file(request.output, inputs=[request.model, *request.datasets])
+    adapter = plugins.adapter_for_config(read_config(request.model))
+    names = plugins.plugin_names("scorer") if request.scorers is None else request.scorers
+    chosen = with_seed([plugins.get_scorer(n) for n in names], request.seed)
+    samples = load_samples(request.datasets, max_samples=request.max_samples, seed=request.seed)
+    loaded, tokenizer, config = load_model(request.model)
+    sequences = tokenize_samples(samples, tokenizer, request.max_tokens)
+    collector, layers = collect_stats(
+        loaded, adapter, sequences, chosen, request.batch_size, progress=request.progress
+    )
+    scores = collector.scores()
+    tokens_seen = int(sum(len(s) for s in sequences))
+    metadata = {
+        "fingerprint": model_fingerprint(config, layers),
+        "moe_layers": [layer.index for layer in layers],
+        "model": str(request.model),
+        "adapter": adapter.name,
+        "datasets": [str(p) for p in request.datasets],
+        "samples": len(sequences),
+        "tokens_seen": tokens_seen,
+        "max_samples": request.max_samples,
+        "max_tokens": request.max_tokens,
+        "seed": request.seed,
+    }
+    save_stats(request.output, scores, collector.accumulators, collector.token_counts, metadata)
+    return {
+        "output": str(request.output),
+        "tokens_seen": tokens_seen,
+        "samples": len(sequences),
+        "scorers": sorted(scores),
+        "layers": layer_summary(scores, collector.token_counts, metadata["moe_layers"], None),
+    }
+
+
 def layer_summary(stats_scores: dict, token_counts, layers_index, top_k) -> list[dict]:
     """One row per MoE layer: tokens, experts used, routing entropy, top experts by REAP."""
     rows = []
@@ -70,4 +134,11 @@ def layer_summary(stats_scores: dict, token_counts, layers_index, top_k) -> list
     return rows
 
 
-__all__ = ["collect_stats", "layer_summary", "model_fingerprint", "with_seed"]
+__all__ = [
+    "CollectRequest",
+    "collect",
+    "collect_stats",
+    "layer_summary",
+    "model_fingerprint",
+    "with_seed",
+]

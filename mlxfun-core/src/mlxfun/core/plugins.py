@@ -8,10 +8,12 @@ third-party ones. Environment switches:
 - ``MLXFUN_TRACE_PLUGINS=1``: print every hook call to stderr.
 """
 
+import functools
 import importlib.metadata
 import os
 import re
 import sys
+import traceback
 
 import attrs
 import pluggy
@@ -32,6 +34,9 @@ _plugin_dists: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, 
 _registry: dict[str, dict[str, PluginInfo]] | None = None
 _registry_failures: list[PluginInfo] = []
 _untrace = None  # undoes MLXFUN_TRACE_PLUGINS tracing
+_used: dict[
+    tuple[str, str], PluginInfo
+] = {}  # plugins handed out by get_plugin / adapter_for_config
 
 
 def _normalize(dist_name: str) -> str:
@@ -122,6 +127,7 @@ def reset() -> None:
     _loaded = False
     _load_failures.clear()
     _plugin_dists.clear()
+    _used.clear()
     _reset_registry()
 
 
@@ -204,6 +210,7 @@ def get_plugin(kind: str, name: str):
     if name not in by_name:
         known = ", ".join(sorted(by_name)) or "none installed"
         raise MlxfunError(f"unknown {kind} {name!r}; known {kind}s: {known}")
+    _used[kind, name] = by_name[name]
     return by_name[name].obj
 
 
@@ -233,6 +240,7 @@ def adapter_for_config(config: dict):
     adapters = registry()["adapter"].values()
     for info in adapters:
         if info.obj.matches(config):
+            _used["adapter", info.name] = info
             return info.obj
     for info in adapters:
         reason = getattr(info.obj, "unsupported", {}).get(model_type)
@@ -243,3 +251,72 @@ def adapter_for_config(config: dict):
         f"unsupported architecture {model_type!r}; supported model types: "
         f"{', '.join(supported) or 'none (install mlxfun-adapters)'}"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# A plugin that raises while a command runs
+
+
+def failed_plugin(exc: BaseException) -> PluginInfo | None:
+    """The registered plugin whose code raised ``exc``, or None when no plugin code was running.
+
+    The innermost frame of the traceback (then of the exceptions ``exc`` was raised from) that
+    runs a plugin's code names it: a method of the plugin object (or of a copy of it, such as
+    a scorer given the run's seed), or a function the object holds (an adapter's ``route``).
+    When several plugins hold the same function (built-in adapters share routing functions),
+    the one a look-up handed out wins.
+    """
+    if _registry is None:
+        return None
+    infos = [info for kind in KINDS for info in _registry[kind].values()]
+    infos.sort(key=lambda info: (info.kind, info.name) not in _used)
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
+        for frame in reversed(frames):
+            for info in infos:
+                if _runs(frame, info.obj):
+                    return info
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def plugin_failure_message(info: PluginInfo, exc: BaseException) -> str:
+    """One line: which plugin failed, of which kind and distribution, and with what."""
+    text = str(exc).strip().splitlines()
+    detail = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return (
+        f"{info.kind} plugin {info.name!r} ({info.distribution} {info.version}) failed: {detail}"
+        " (--debug or MLXFUN_DEBUG=1 shows the traceback)"
+    )
+
+
+def _runs(frame, obj) -> bool:
+    """Whether ``frame`` runs code of the plugin object ``obj``."""
+    owner = frame.f_locals.get("self")
+    if owner is obj:
+        return True
+    cls = type(obj)
+    if owner is not None and type(owner) is cls and not cls.__module__.startswith("mlxfun.core"):
+        return True
+    return frame.f_code in _held_code(obj)
+
+
+def _held_code(obj) -> set:
+    """The code objects of the functions ``obj`` holds as attributes (an adapter's ``route``,
+    ``logits``, ``scores``; a namespace's ``select``)."""
+    values = []
+    if attrs.has(type(obj)):
+        values = [getattr(obj, field.name, None) for field in attrs.fields(type(obj))]
+    elif hasattr(obj, "__dict__"):
+        values = list(vars(obj).values())
+    codes = set()
+    for value in values:
+        while isinstance(value, functools.partial):
+            value = value.func
+        function = getattr(value, "__func__", value)
+        code = getattr(function, "__code__", None)
+        if code is not None:
+            codes.add(code)
+    return codes

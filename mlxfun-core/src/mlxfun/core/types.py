@@ -1,18 +1,24 @@
 """Data types shared by plugins, and the protocol each plugin kind follows.
 
 A plugin object is any object with the attributes its kind requires (duck typing); the
-``typing.Protocol`` classes below document them and ``mlxfun.core.testing`` checks them.
+``typing.Protocol`` classes below document them and ``mlxfun.core.testing`` checks them. The
+annotations and the ``doc`` of every field are the reference: docs/plugins.md ("Types") is
+generated from them (``scripts/plugin_types_doc.py``) and a test keeps the two equal.
 Nothing here imports MLX or numpy, so listing plugins stays fast.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 
 if TYPE_CHECKING:  # annotations only: importing numpy costs ~0.1-0.2 s of every CLI start
+    import mlx.nn
     import numpy as np
+
+    from .adapter import MoELayer
 
 KINDS = ("adapter", "scorer", "selector", "compressor", "intervention")
 
@@ -27,6 +33,15 @@ REQUIRED_ATTRIBUTES = {
 
 # What a scorer may ask the observer for (``Scorer.needs``).
 OBSERVABLES = frozenset({"selected", "weights", "logits", "norms", "outputs"})
+
+
+def _doc(text: str, **kwargs):
+    """An attrs field with a ``doc`` (the docs/plugins.md column "meaning")."""
+    return attrs.field(metadata={"doc": text}, **kwargs)
+
+
+def _optional_path(value):
+    return None if value is None else Path(value)
 
 
 @attrs.define(frozen=True)
@@ -56,21 +71,29 @@ class PluginInfo:
 
 @attrs.define
 class LayerObservation:
-    """What one MoE layer saw on one batch, for the valid (non-padding) tokens only.
+    """What one MoE layer saw on one batch, for the valid (non-padding) tokens only: the
+    argument ``obs`` of ``Scorer.update``. Fields a scorer did not ask for (``needs``) are None."""
 
-    ``selected`` and ``weights`` are (tokens, top_k): the experts the block used and the gate
-    weights that multiply their outputs. ``norms`` is ||f_j(x)||_2 of each selected expert's raw
-    output. ``outputs`` (tokens, top_k, hidden) and ``logits`` (tokens, experts) are present only
-    when a scorer asked for them.
-    """
-
-    layer: int
-    num_experts: int
-    selected: np.ndarray
-    weights: np.ndarray
-    norms: np.ndarray | None = None
-    logits: np.ndarray | None = None
-    outputs: np.ndarray | None = None
+    layer: int = _doc("the MoE layer position (0, 1, ...): the row of the scores")
+    num_experts: int = _doc(
+        "the experts of this layer (the router's columns); `init` got the largest of all layers"
+    )
+    selected: np.ndarray = _doc(
+        "integer array (tokens, top_k) (uint32 in mlx-lm's models): the experts each token "
+        "used, sorted by expert id within a token"
+    )
+    weights: np.ndarray = _doc(
+        "float32 (tokens, top_k): the gate weight that multiplies each selected expert's output"
+    )
+    norms: np.ndarray | None = _doc(
+        "float32 (tokens, top_k): ||f_j(x)||_2 of each selected expert's raw output", default=None
+    )
+    logits: np.ndarray | None = _doc(
+        "float32 (tokens, num_experts): the router logits of every expert", default=None
+    )
+    outputs: np.ndarray | None = _doc(
+        "float32 (tokens, top_k, hidden): each selected expert's raw output f_j(x)", default=None
+    )
 
     @property
     def num_tokens(self) -> int:
@@ -79,11 +102,18 @@ class LayerObservation:
 
 @attrs.define(frozen=True)
 class Selection:
-    """A selector's answer: kept expert ids per MoE layer position (sorted) and what went."""
+    """A selector's answer (``Selector.select`` returns it)."""
 
-    keep: dict[int, list[int]]
-    removed: dict[int, list[int]]
-    num_experts: list[int]
+    keep: dict[int, list[int]] = _doc(
+        "for every MoE layer position, the kept expert ids: sorted Python ints"
+    )
+    removed: dict[int, list[int]] = _doc(
+        "for every MoE layer position, the removed expert ids: sorted Python ints; with "
+        "`keep` exactly `range(num_experts[layer])`"
+    )
+    num_experts: list[int] = _doc(
+        "each layer's expert count before removal: the `num_experts` option, one int per layer"
+    )
 
     @property
     def total_removed(self) -> int:
@@ -94,6 +124,78 @@ class Selection:
         return len({len(k) for k in self.keep.values()}) <= 1
 
 
+@attrs.define(frozen=True, kw_only=True)
+class SelectOptions:
+    """The keyword arguments of ``Selector.select(scores, **options)``, exactly as ``mlxfun
+    prune`` and ``mlxfun merge`` pass them (``as_kwargs()``; ``n`` and ``ratio`` only when
+    given). Lists hold one value per MoE layer position; ``protect`` and ``target`` are keyed by
+    MoE layer position (0, 1, ...), not by decoder layer index."""
+
+    top_k: list[int] = _doc("each layer's top-k: the experts every token uses")
+    min_keep: list[int] = _doc(
+        "the fewest experts each layer may keep (never below its top-k; group-limited routers "
+        "need more)"
+    )
+    num_experts: list[int] = _doc(
+        "each layer's expert count; the scores may have more columns (layers with fewer "
+        "experts ignore the extra ones)"
+    )
+    protect: dict[int, list[int]] = _doc("experts that must not be removed, by layer position")
+    target: dict[int, list[int]] = _doc(
+        "experts that must be removed (they count towards `n`), by layer position"
+    )
+    groups: int = _doc(
+        "router groups (`n_group` of group-limited routers, else 1): remove the same number "
+        "from each of the contiguous groups of a layer",
+        default=1,
+    )
+    normalize: str = _doc(
+        "`none`, `mean` or `max` (--normalize); a selector that does not compare layers "
+        "refuses anything but `none`",
+        default="none",
+    )
+    layer_indices: list[int] = _doc(
+        "each layer position's decoder layer index, to name layers in messages"
+    )
+    n: int | None = _doc("experts to remove (--n), passed only when given", default=None)
+    ratio: float | None = _doc(
+        "share of experts to remove, in [0, 1) (--ratio), passed only when given", default=None
+    )
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``select``: every field, ``n`` and ``ratio`` only when set."""
+        options = attrs.asdict(self, recurse=False)
+        return {k: v for k, v in options.items() if v is not None or k not in ("n", "ratio")}
+
+
+@attrs.define(kw_only=True)
+class CompressRequest:
+    """What ``mlxfun prune`` asks a compressor for (``Compressor.compress(request)``); ``mlxfun
+    merge`` passes a subclass with the calibration text and merge settings."""
+
+    model: Path = _doc("the source model directory (never modified)", converter=Path)
+    stats: Path = _doc("the stats file `mlxfun collect` wrote for this model", converter=Path)
+    output: Path | None = _doc(
+        "the directory to write (None only with `dry_run`)", default=None, converter=_optional_path
+    )
+    scorer: str = _doc("the scorer whose scores rank the experts", default="reap")
+    selector: str = _doc("the selector plugin that picks the experts", default="bottom")
+    n: int | None = _doc("experts to remove (--n)", default=None)
+    ratio: float | None = _doc("share of experts to remove (--ratio)", default=None)
+    protect: dict[int | str, list[int]] = _doc(
+        'experts never removed, by decoder layer index ("*": every MoE layer) (--protect)',
+        factory=dict,
+    )
+    target: dict[int | str, list[int]] = _doc(
+        'experts always removed, by decoder layer index ("*": every MoE layer) (--target)',
+        factory=dict,
+    )
+    min_keep: int | None = _doc("experts every layer keeps at least (--min-keep)", default=None)
+    normalize: str = _doc("`none`, `mean` or `max` (--normalize)", default="none")
+    force: bool = _doc("replace an existing output (--force)", default=False)
+    dry_run: bool = _doc("plan and return the summary, write nothing (--dry-run)", default=False)
+
+
 @runtime_checkable
 class Adapter(Protocol):
     """One MoE architecture family. See ``mlxfun.core.adapter.MoEAdapter`` for the base class."""
@@ -102,9 +204,11 @@ class Adapter(Protocol):
     description: str
     model_types: tuple[str, ...]
 
-    def matches(self, config: dict) -> bool: ...
+    def matches(self, config: dict[str, Any]) -> bool:
+        """Whether this adapter handles a model's parsed `config.json`."""
 
-    def moe_layers(self, model) -> list: ...
+    def moe_layers(self, model: mlx.nn.Module) -> list[MoELayer]:
+        """Every MoE block of a loaded model, in forward order (`MoELayer.position` 0, 1, ...)."""
 
 
 @runtime_checkable
@@ -119,24 +223,33 @@ class Scorer(Protocol):
 
     name: str
     description: str
-    needs: frozenset
+    needs: frozenset[str]
 
-    def init(self, num_layers: int, num_experts: int) -> dict[str, np.ndarray]: ...
+    def init(self, num_layers: int, num_experts: int) -> dict[str, np.ndarray]:
+        """Fresh float64 accumulators under plain string keys; `num_experts` is the largest
+        layer's."""
 
-    def update(self, acc: dict[str, np.ndarray], obs: LayerObservation) -> None: ...
+    def update(self, acc: dict[str, np.ndarray], obs: LayerObservation) -> None:
+        """Add one layer's observation into `acc`, in place (the return value is ignored)."""
 
-    def finalize(self, acc: dict[str, np.ndarray]) -> np.ndarray: ...
+    def finalize(self, acc: dict[str, np.ndarray]) -> np.ndarray:
+        """The finite (num_layers, num_experts) float scores; must not modify `acc`."""
+
+    def combine(self, a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Optional (default: the sum of every array): `a` and `b` merged into new arrays."""
 
 
 @runtime_checkable
 class Selector(Protocol):
-    """Chooses experts to remove: ``select(scores, n=..., ratio=..., top_k=..., protect=...,
-    target=..., min_keep=...) -> Selection``."""
+    """Chooses experts to remove: ``select(scores, **options) -> Selection`` with the options
+    of ``SelectOptions``."""
 
     name: str
     description: str
 
-    def select(self, scores: np.ndarray, **options) -> Selection: ...
+    def select(self, scores: np.ndarray, **options: Any) -> Selection:
+        """`scores`: float64 (MoE layers, experts), higher = more important, not to be
+        modified; `options`: the fields of `SelectOptions` (accept `**options`: more may come)."""
 
 
 @runtime_checkable
@@ -146,7 +259,8 @@ class Compressor(Protocol):
     name: str
     description: str
 
-    def compress(self, request) -> dict: ...
+    def compress(self, request: CompressRequest) -> dict[str, Any]:
+        """Write `request.output` (nothing with `dry_run`); return a JSON-serialisable summary."""
 
 
 @runtime_checkable
@@ -156,4 +270,5 @@ class Intervention(Protocol):
     name: str
     description: str
 
-    def apply(self, model, adapter, **options): ...
+    def apply(self, model: mlx.nn.Module, adapter: Adapter, **options: Any) -> None:
+        """Change the loaded `model` in place; no command passes options yet."""

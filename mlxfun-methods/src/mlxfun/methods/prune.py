@@ -31,6 +31,7 @@ import numpy as np
 from mlxfun.core.adapter import get_path, has_path
 from mlxfun.core.errors import MlxfunError
 from mlxfun.core.outputs import PROVENANCE_FILE
+from mlxfun.core.types import CompressRequest, SelectOptions
 
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npz", ".h5", ".ckpt"}
 
@@ -39,26 +40,10 @@ GROUP_ATTRS = ("gate.n_group", "n_group", "args.n_group", "args.num_expert_group
 TOPK_GROUP_ATTRS = ("gate.topk_group", "topk_group", "args.topk_group")
 
 
-@attrs.define
-class PruneRequest:
-    """What ``mlxfun prune`` asks for. ``protect`` / ``target`` map decoder layer indices (as
-    ``mlxfun stats`` and ``mlxfun inspect`` show them; ``"*"`` = every MoE layer) to expert ids."""
-
-    model: Path = attrs.field(converter=Path)
-    stats: Path = attrs.field(converter=Path)
-    output: Path | None = attrs.field(
-        default=None, converter=lambda p: None if p is None else Path(p)
-    )
-    scorer: str = "reap"
-    selector: str = "bottom"
-    n: int | None = None
-    ratio: float | None = None
-    protect: dict = attrs.field(factory=dict)
-    target: dict = attrs.field(factory=dict)
-    min_keep: int | None = None
-    normalize: str = "none"
-    force: bool = False
-    dry_run: bool = False
+# What ``mlxfun prune`` asks for is the core's compressor request (``protect`` / ``target`` map
+# decoder layer indices, as ``mlxfun stats`` and ``mlxfun inspect`` show them, ``"*"`` = every
+# MoE layer, to expert ids); the type is documented for plugins in docs/plugins.md ("Types").
+PruneRequest = CompressRequest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,6 +207,16 @@ def _with_zero_experts(selection, plans):
 
 def _validate(selection, plans, groups: int, selector_name: str) -> None:
     """A third-party selector's answer must be a proper keep map before anything is written."""
+    from mlxfun.core.types import Selection
+
+    if not isinstance(selection, Selection) or not isinstance(selection.keep, dict):
+        got = type(selection.keep if isinstance(selection, Selection) else selection).__name__
+        what = "Selection.keep" if isinstance(selection, Selection) else "select()"
+        raise MlxfunError(
+            f"selector {selector_name!r}: {what} gave a {got}, expected "
+            + ("a dict[int, list[int]]" if what == "Selection.keep" else "a Selection")
+            + " (mlxfun.core.types; see docs/plugins.md, Types)"
+        )
     for plan in plans:
         keep = selection.keep.get(plan.position)
         if keep is None:
@@ -422,21 +417,19 @@ def _select(request: PruneRequest, selector, scores, plans, groups: int, min_kee
     zero_experts = any(plan.zero_experts for plan in plans)
     if zero_experts:
         protect = _zero_expert_options(plans, protect, target)
-    options = {
-        "top_k": [plan.top_k for plan in plans],
-        "min_keep": min_keep,
-        "num_experts": [_stored(plan) for plan in plans],
-        "protect": protect,
-        "target": target,
-        "groups": groups,
-        "normalize": request.normalize,
-        "layer_indices": layer_indices,
-    }
-    if request.n is not None:
-        options["n"] = request.n
-    if request.ratio is not None:
-        options["ratio"] = request.ratio
-    selection = selector.select(np.asarray(scores), **options)
+    options = SelectOptions(
+        top_k=[plan.top_k for plan in plans],
+        min_keep=min_keep,
+        num_experts=[_stored(plan) for plan in plans],
+        protect=protect,
+        target=target,
+        groups=groups,
+        normalize=request.normalize,
+        layer_indices=layer_indices,
+        n=request.n,
+        ratio=request.ratio,
+    )
+    selection = selector.select(np.asarray(scores), **options.as_kwargs())
     _validate(selection, plans, groups, request.selector)
     if zero_experts:
         selection = _with_zero_experts(selection, plans)
