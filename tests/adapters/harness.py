@@ -9,16 +9,14 @@ re-computation of its routing, ``ref_route(block, x) -> (selected, weights)`` wi
 3. every built-in statistic equals a brute-force loop over tokens.
 """
 
-import importlib
-
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_flatten
 from mlxfun.core import plugins
 from mlxfun.core.hooks import call_hooks
 from mlxfun.core.observe import Observer
 from mlxfun.core.stats import StatsCollector
+from mlxfun.core.testing import build_tiny_model
 
 ALL_NEEDS = frozenset({"selected", "weights", "norms", "logits", "outputs"})
 
@@ -26,36 +24,10 @@ ALL_NEEDS = frozenset({"selected", "weights", "norms", "logits", "outputs"})
 def build_tiny(
     model_type: str, args: dict, seed: int = 0, bits: int | None = None, group_size: int = 32
 ):
-    """A tiny model from mlx-lm's own classes with seeded random weights.
-
-    Parameters that mlx-lm initialises to constants (zero routers, zero correction biases) are
-    re-drawn, so routing and biases really matter in the test.
-    """
-    module = importlib.import_module(f"mlx_lm.models.{model_type}")
-    mx.random.seed(seed)
-    model = module.Model(module.ModelArgs.from_dict({"model_type": model_type, **args}))
-    rng = np.random.default_rng(seed)
-
-    def redraw(path, value):
-        if not isinstance(value, mx.array) or not mx.issubdtype(value.dtype, mx.floating):
-            return value
-        flat = np.array(value)
-        if flat.size and np.all(flat == flat.reshape(-1)[0]) and "norm" not in path:
-            return mx.array(rng.normal(0.0, 0.3, value.shape).astype(np.float32))
-        return value
-
-    model.update(tree_map_with_path(redraw, model.parameters()))
-    if bits is not None:
-        nn.quantize(
-            model,
-            group_size=group_size,
-            bits=bits,
-            class_predicate=lambda _, m: (
-                hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0
-            ),
-        )
-    mx.eval(model.parameters())
-    return model
+    """A tiny model from mlx-lm's own classes with seeded random weights
+    (``mlxfun.core.testing.build_tiny_model``): constant parameters (zero routers, zero
+    correction biases) are re-drawn, so routing and biases really matter in the test."""
+    return build_tiny_model(model_type, args, seed=seed, bits=bits, group_size=group_size)
 
 
 def dequantized(module, name: str = "weight") -> np.ndarray:

@@ -26,7 +26,8 @@ One module per plugin kind, and the helpers they share:
 - ``scorer``, ``selector``, ``adapter``: ``check_scorer``, ``check_selector``, ``check_adapter``;
 - ``conformance``: ``PluginConformance``, the pytest base class running them;
 - ``observations``: ``make_observation``, a synthetic ``LayerObservation``;
-- ``tiny_models``: ``build_tiny_model``, an mlx-lm model with seeded random weights;
+- ``tiny_models``: ``build_tiny_model``, a model with seeded random weights, and
+  ``save_tiny_checkpoint``, one saved with a byte-level tokenizer (``write_byte_tokenizer``);
 - ``plugin_state``: ``registered_plugin`` and ``fresh_plugin_state``;
 - ``failures``: how every check fails (an ``AssertionError`` naming the plugin).
 
@@ -40,10 +41,11 @@ from .plugin import NAME_PATTERN, check_plugin
 from .plugin_state import fresh_plugin_state, registered_plugin
 from .scorer import check_scorer
 from .selector import check_selector
-from .tiny_models import build_tiny_model
+from .tiny_models import TINY_ARGS, build_tiny_model, save_tiny_checkpoint, write_byte_tokenizer
 
 __all__ = [
     "NAME_PATTERN",
+    "TINY_ARGS",
     "PluginConformance",
     "build_tiny_model",
     "check_adapter",
@@ -53,4 +55,6 @@ __all__ = [
     "fresh_plugin_state",
     "make_observation",
     "registered_plugin",
+    "save_tiny_checkpoint",
+    "write_byte_tokenizer",
 ]

@@ -1,21 +1,75 @@
-"""Tiny mlx-lm models with seeded random weights, for adapter tests."""
+"""Tiny models with seeded random weights, in memory or saved as a checkpoint with a tokenizer.
+
+``build_tiny_model`` builds one for adapter tests; ``save_tiny_checkpoint`` saves one as an
+ordinary mlx-lm model directory (weights, config.json, a byte-level tokenizer), so that a plugin
+author can run ``mlxfun collect``, ``prune`` and the loaders on their own architecture.
+"""
+
+import importlib
+import json
+from pathlib import Path
 
 import numpy as np
 
+# Small enough for a test, read by most MoE architectures' ModelArgs (each takes the keys its
+# signature names, so the rest are ignored): Qwen3-MoE-like, 2 layers of 8 experts, top-2.
+TINY_ARGS = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    intermediate_size=64,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    norm_topk_prob=True,
+    rms_norm_eps=1e-6,
+    vocab_size=256,
+    rope_theta=10000.0,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
 
-def build_tiny_model(model_type: str, args: dict, seed: int = 0, module: str | None = None):
-    """A tiny mlx-lm model with seeded random weights, for adapter tests.
 
-    ``module`` is the ``mlx_lm.models`` module to build (default: ``model_type``). Parameters that
-    mlx-lm initialises to a constant (zero routers or correction biases) are re-drawn so the
-    routing really depends on the input.
-    """
-    import mlx.core as mx
-    from mlx.utils import tree_map_with_path
-
+def _model_module(model_type: str, module):
+    """The module that builds ``model_type``: ``module`` itself (a module object), a module
+    name (dotted: imported as is; bare: ``mlx_lm.models.<name>``), or by default what mlxfun
+    loads ``model_type`` with."""
+    if module is None:
+        module = model_type
+    if not isinstance(module, str):
+        return module
+    if "." in module:
+        return importlib.import_module(module)
     from ..mlxlm_models import model_module
 
-    models = model_module(module or model_type)
+    return model_module(module)
+
+
+def build_tiny_model(
+    model_type: str,
+    args: dict,
+    seed: int = 0,
+    module=None,
+    bits: int | None = None,
+    group_size: int = 32,
+):
+    """A tiny model with seeded random weights, for adapter tests.
+
+    ``module`` builds it: a module exposing ``Model`` and ``ModelArgs`` (a plugin's model
+    module), or its name (``"qwen3_moe"`` for ``mlx_lm.models.qwen3_moe``, or a dotted name);
+    default: ``model_type``'s. Parameters that the module initialises to a constant (zero routers
+    or correction biases) are re-drawn so the routing really depends on the input. ``bits``
+    quantizes every layer whose input size ``group_size`` divides, as mlx-lm's converter does.
+    """
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_map_with_path
+
+    models = _model_module(model_type, module)
     mx.random.seed(seed)
     model = models.Model(models.ModelArgs.from_dict({"model_type": model_type, **args}))
     rng = np.random.default_rng(seed)
@@ -29,5 +83,76 @@ def build_tiny_model(model_type: str, args: dict, seed: int = 0, module: str | N
         return value
 
     model.update(tree_map_with_path(redraw, model.parameters()))
+    if bits is not None:
+        nn.quantize(
+            model,
+            group_size=group_size,
+            bits=bits,
+            class_predicate=lambda _, m: (
+                hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0
+            ),
+        )
     mx.eval(model.parameters())
     return model
+
+
+def save_tiny_checkpoint(
+    directory,
+    model_type: str,
+    args: dict | None = None,
+    *,
+    module=None,
+    seed: int = 0,
+    bits: int | None = None,
+    group_size: int = 32,
+) -> Path:
+    """Build a tiny seeded model (``build_tiny_model``) and save it in ``directory`` as an
+    mlx-lm model directory: ``model.safetensors``, ``config.json`` (``model_type`` and ``args``,
+    plus ``quantization`` with ``bits``) and a 256-token byte-level tokenizer
+    (``write_byte_tokenizer``). ``args`` default to ``TINY_ARGS``; keep ``vocab_size`` at 256 or
+    more, so that every byte the tokenizer produces is a token of the model. Returns the path."""
+    from mlx_lm.utils import save_config, save_model
+
+    args = dict(TINY_ARGS if args is None else args)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = build_tiny_model(
+        model_type, args, seed=seed, module=module, bits=bits, group_size=group_size
+    )
+    save_model(directory, model)
+    config = {"model_type": model_type, **args}
+    if bits is not None:
+        config["quantization"] = {"group_size": group_size, "bits": bits}
+    save_config(config, directory / "config.json")
+    write_byte_tokenizer(directory)
+    return directory
+
+
+def write_byte_tokenizer(directory) -> None:
+    """A 256-token byte-level BPE tokenizer with no merges, token id = byte value, end of text
+    = byte 0, as ``tokenizer.json`` and ``tokenizer_config.json`` in ``directory``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    directory = Path(directory)
+    symbols = _byte_symbols()
+    tokenizer = Tokenizer(models.BPE(vocab={s: b for b, s in enumerate(symbols)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": symbols[0],
+                "model_max_length": 4096,
+            }
+        )
+    )
+
+
+def _byte_symbols() -> list[str]:
+    """The character ByteLevel writes for each byte value (GPT-2's table): printable Latin-1
+    bytes stand for themselves, the others for 256, 257, ... in byte order."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
