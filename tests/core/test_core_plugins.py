@@ -33,18 +33,33 @@ class CountScorer:
 
 
 class BottomSelector:
+    """Written against the documented types (``mlxfun.core.types.SelectOptions``): per-layer
+    ``top_k`` / ``min_keep`` / ``num_experts`` lists, ``protect`` / ``target`` keyed by MoE layer
+    position; router groups are refused cleanly."""
+
     name = "lowest"
     description = "the n lowest-scoring experts of every layer"
 
-    def select(self, scores, n=1, top_k=1, **options):
-        num_layers, num_experts = scores.shape
-        n = min(n, num_experts - top_k)
+    def select(self, scores, n=None, ratio=None, **options):
+        num_layers, width = scores.shape
+        counts = options.get("num_experts") or [width] * num_layers
+        min_keep = options.get("min_keep") or options.get("top_k") or [1] * num_layers
+        protect, target = options.get("protect") or {}, options.get("target") or {}
+        if options.get("groups", 1) != 1:
+            raise MlxfunError("lowest does not support router groups")
         keep, removed = {}, {}
-        for layer in range(num_layers):
-            order = np.argsort(scores[layer], kind="stable")
-            removed[layer] = sorted(int(e) for e in order[:n])
-            keep[layer] = sorted(int(e) for e in order[n:])
-        return Selection(keep, removed, [num_experts] * num_layers)
+        for layer, count in enumerate(counts):
+            wanted = n if n is not None else int((ratio or 0) * count)
+            doomed = sorted(target.get(layer, []))
+            free = [
+                int(e)
+                for e in np.argsort(scores[layer, :count], kind="stable")
+                if e not in doomed and e not in protect.get(layer, [])
+            ]
+            extra = max(0, min(wanted, count - min_keep[layer]) - len(doomed))
+            removed[layer] = sorted(doomed + free[:extra])
+            keep[layer] = [e for e in range(count) if e not in removed[layer]]
+        return Selection(keep, removed, list(counts))
 
 
 class MethodsPlugin:
@@ -191,7 +206,7 @@ def test_entry_points_load_with_distribution_and_version(site, monkeypatch):
             "version": "3.1",
             "description": "tokens routed to the expert (test plugin)",
         }
-        testing.check_scorer(plugins.get_scorer("good_count"))
+        testing.check_scorer(plugins.get_scorer("good_count"), commands=False)
 
 
 def test_load_plugins_selects_distributions_by_normalised_name(site):
@@ -278,6 +293,6 @@ def test_trace_switch_prints_hook_calls(no_installed_plugins, capsys):
 
 def test_the_conformance_kit_passes_the_in_process_plugins():
     testing.check_plugin("scorer", CountScorer())
-    testing.check_scorer(CountScorer())
-    testing.check_selector(BottomSelector())
-    testing.check_selector(BottomSelector(), options={"n": 3, "top_k": 4})
+    testing.check_scorer(CountScorer(), commands=False)
+    testing.check_selector(BottomSelector(), commands=False)
+    testing.check_selector(BottomSelector(), n=3, commands=False)

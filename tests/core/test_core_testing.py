@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlxfun.core import testing
+from mlxfun.core.errors import MlxfunError
 from mlxfun.core.types import Selection
 
 from .test_core_hooks import ADAPTER, TinyMoE
@@ -167,7 +168,7 @@ class MaxWithoutCombine(CountScorer):
 )
 def test_check_scorer_catches(scorer, match):
     with np.errstate(all="ignore"), fails(match):
-        testing.check_scorer(scorer)
+        testing.check_scorer(scorer, commands=False)
 
 
 def test_make_observation_is_shaped_like_the_observer():
@@ -186,45 +187,118 @@ def test_make_observation_is_shaped_like_the_observer():
     assert obs.outputs is None and obs.logits is None
 
 
-# ----- selectors
+# ----- selectors: each mistake a selector written without the documented types makes
 
 
 class Unsorted(BottomSelector):
-    def select(self, scores, n=1, top_k=1, **options):
-        sel = super().select(scores, n=n, top_k=top_k)
+    def select(self, scores, **options):
+        sel = super().select(scores, **options)
         return Selection({k: v[::-1] for k, v in sel.keep.items()}, sel.removed, sel.num_experts)
 
 
 class NumpyInts(BottomSelector):
+    def select(self, scores, **options):
+        sel = super().select(scores, **options)
+        keep = {k: list(np.array(v)) for k, v in sel.keep.items()}
+        return Selection(keep, sel.removed, sel.num_experts)
+
+
+class NumpyKeys(BottomSelector):
+    def select(self, scores, **options):
+        sel = super().select(scores, **options)
+        keep = {np.int64(k): v for k, v in sel.keep.items()}
+        return Selection(keep, sel.removed, sel.num_experts)
+
+
+class KeepAsList(BottomSelector):
+    """The raw ``TypeError: unhashable type: 'list'`` of the old kit."""
+
+    def select(self, scores, **options):
+        sel = super().select(scores, **options)
+        return Selection(list(sel.keep.values()), sel.removed, sel.num_experts)
+
+
+class IntTopK(BottomSelector):
     def select(self, scores, n=1, top_k=1, **options):
-        sel = super().select(scores, n=n, top_k=top_k)
+        n = min(n, scores.shape[1] - top_k)  # top_k is a list: TypeError
+        return super().select(scores, n=n, top_k=[top_k] * scores.shape[0], **options)
+
+
+class NoKeywords:
+    name = "no-keywords"
+    description = "accepts only n and top_k"
+
+    def select(self, scores, n, top_k):
+        return BottomSelector().select(scores, n=n, top_k=top_k)
+
+
+class IgnoresMinKeep(BottomSelector):
+    def select(self, scores, **options):
+        return super().select(scores, **{**options, "min_keep": options["top_k"]})
+
+
+class DecoderIndexKeys(BottomSelector):
+    """Keys its answer by decoder layer index instead of MoE layer position."""
+
+    def select(self, scores, **options):
+        sel = super().select(scores, **options)
+        index = options["layer_indices"]
         return Selection(
-            {k: list(np.array(v)) for k, v in sel.keep.items()}, sel.removed, sel.num_experts
+            {index[k]: v for k, v in sel.keep.items()},
+            {index[k]: v for k, v in sel.removed.items()},
+            sel.num_experts,
         )
 
 
+class IgnoresProtect(BottomSelector):
+    def select(self, scores, **options):
+        return super().select(scores, **{**options, "protect": {}})
+
+
+class IgnoresTarget(BottomSelector):
+    def select(self, scores, **options):
+        return super().select(scores, **{**options, "target": {}})
+
+
+class WholeWidth(BottomSelector):
+    """Ignores ``num_experts``: partitions every column of the scores."""
+
+    def select(self, scores, **options):
+        return super().select(scores, **{**options, "num_experts": None})
+
+
+class IgnoresGroups(BottomSelector):
+    def select(self, scores, **options):
+        return super().select(scores, **{**options, "groups": 1})
+
+
+class RefusesAll(BottomSelector):
+    def select(self, scores, **options):
+        raise MlxfunError("lowest cannot do this")
+
+
 class RemovesTooMany(BottomSelector):
-    def select(self, scores, n=1, top_k=1, **options):
-        return super().select(scores, n=scores.shape[1] - 1, top_k=1)
+    def select(self, scores, **options):
+        return super().select(scores, **{**options, "n": 6, "min_keep": [1] * scores.shape[0]})
 
 
 class Overlapping(BottomSelector):
-    def select(self, scores, n=1, top_k=1, **options):
-        sel = super().select(scores, n=n, top_k=top_k)
+    def select(self, scores, **options):
+        sel = super().select(scores, **options)
         return Selection(
-            {k: list(range(scores.shape[1])) for k in sel.keep}, sel.removed, sel.num_experts
+            {k: list(range(sel.num_experts[k])) for k in sel.keep}, sel.removed, sel.num_experts
         )
 
 
 class Random(BottomSelector):
-    def select(self, scores, n=1, top_k=1, **options):
-        return super().select(np.random.random(scores.shape), n=n, top_k=top_k)
+    def select(self, scores, **options):
+        return super().select(np.random.random(scores.shape), **options)
 
 
 class SortsInPlace(BottomSelector):
-    def select(self, scores, n=1, top_k=1, **options):
+    def select(self, scores, **options):
         scores.sort(axis=-1)
-        return super().select(scores, n=n, top_k=top_k)
+        return super().select(scores, **options)
 
 
 class ReturnsDict(BottomSelector):
@@ -232,28 +306,43 @@ class ReturnsDict(BottomSelector):
         return {"keep": {}, "removed": {}}
 
 
+SELECTOR_MISTAKES = [
+    (Unsorted(), "Selection.keep\\[0\\] = \\[7, 6, .*must be sorted"),
+    (NumpyInts(), "Selection.keep\\[0\\] is \\[np.int64.*expected list\\[int\\] of Python ints"),
+    (NumpyKeys(), "Selection.keep has keys .* of type int64, expected Python int"),
+    (KeepAsList(), "Selection.keep is a list .* expected dict\\[int, list\\[int\\]\\]"),
+    (IntTopK(), "raised TypeError.* it works when top_k is an int, but top_k is a list\\[int\\]"),
+    (NoKeywords(), "unexpected keyword argument .* accept \\*\\*options"),
+    (IgnoresMinKeep(), "keeps 6 experts, fewer than min_keep\\[0\\] = 7"),
+    (DecoderIndexKeys(), "positions, not decoder layer indices \\[1, 2\\]"),
+    (IgnoresProtect(), "protected experts \\[.*\\] were removed"),
+    (IgnoresTarget(), "targeted experts \\[.*\\] were kept"),
+    (WholeWidth(), "Selection.num_experts is \\[7, 7\\], expected \\[7, 6\\]"),
+    (IgnoresGroups(), "removes \\[.*\\] experts from its 2 router groups"),
+    (RefusesAll(), "select\\(\\) refused mlxfun prune --n 2 .*: MlxfunError: lowest cannot"),
+    (RemovesTooMany(), "keeps 2 experts, fewer than min_keep\\[0\\] = 3"),
+    (Overlapping(), "are kept and removed"),
+    (Random(), "different selection for the same scores"),
+    (SortsInPlace(), "select\\(\\) modified the scores"),
+    (ReturnsDict(), "select\\(\\) returned a dict, expected mlxfun.core.types.Selection"),
+]
+
+
 @pytest.mark.parametrize(
     "selector, match",
-    [
-        (Unsorted(), "keep\\[0\\] = \\[7, 6, .*must be sorted"),
-        (NumpyInts(), "must be a list of Python ints"),
-        (RemovesTooMany(), "keeps 1 experts, fewer than top_k=2"),
-        (Overlapping(), "are both kept and removed"),
-        (Random(), "different selection for the same scores"),
-        (SortsInPlace(), "select\\(\\) modified the scores"),
-        (ReturnsDict(), "must return mlxfun.core.types.Selection, got dict"),
-    ],
+    SELECTOR_MISTAKES,
     ids=lambda value: type(value).__name__ if not isinstance(value, str) else "",
 )
 def test_check_selector_catches(selector, match):
-    with fails(match):
-        testing.check_selector(selector)
+    with fails(f"selector '{selector.name}' \\({type(selector).__name__}\\).*{match}"):
+        testing.check_selector(selector, commands=False)
 
 
-def test_check_selector_can_expect_no_removal():
-    with fails("removed no expert"):
-        testing.check_selector(BottomSelector(), options={"n": 0, "top_k": 2})
-    testing.check_selector(BottomSelector(), options={"n": 0, "top_k": 2}, expect_removal=False)
+def test_check_selector_accepts_clean_refusals_and_can_expect_no_removal():
+    testing.check_selector(BottomSelector(), commands=False)  # it refuses router groups
+    with fails("removed no expert for mlxfun prune --n 0"):
+        testing.check_selector(BottomSelector(), n=0, commands=False)
+    testing.check_selector(BottomSelector(), n=0, expect_removal=False, commands=False)
 
 
 # ----- adapters
@@ -273,7 +362,9 @@ def test_check_adapter_catches_wrong_routing(model):
         return indices, mx.softmax(mx.take_along_axis(logits, indices, axis=-1), axis=-1)
 
     with fails("routing does not match the model: .*differs from the block's"):
-        testing.check_adapter(attrs.evolve(ADAPTER, route=lowest), model, "tiny_moe")
+        testing.check_adapter(
+            attrs.evolve(ADAPTER, route=lowest), model, "tiny_moe", commands=False
+        )
 
 
 def test_check_adapter_catches_wrong_weights(model):
@@ -283,15 +374,17 @@ def test_check_adapter_catches_wrong_weights(model):
 
     wrong = attrs.evolve(ADAPTER, route=unnormalised)
     with fails("the block's output is not sum\\(weight \\* expert output\\)"):
-        testing.check_adapter(wrong, model, "tiny_moe")
-    testing.check_adapter(wrong, model, "tiny_moe", check_weights=False)
+        testing.check_adapter(wrong, model, "tiny_moe", commands=False)
+    testing.check_adapter(wrong, model, "tiny_moe", check_weights=False, commands=False)
 
 
 def test_check_adapter_catches_missing_layers_and_types(model):
     with fails("found no MoE layer .* check experts_attr"):
-        testing.check_adapter(attrs.evolve(ADAPTER, experts_attr="mlp"), model, "tiny_moe")
+        testing.check_adapter(
+            attrs.evolve(ADAPTER, experts_attr="mlp"), model, "tiny_moe", commands=False
+        )
     with fails("does not declare model_type 'qwen3_moe'"):
-        testing.check_adapter(ADAPTER, model, "qwen3_moe")
+        testing.check_adapter(ADAPTER, model, "qwen3_moe", commands=False)
 
 
 # ----- the base class
@@ -301,13 +394,14 @@ class TestConformanceBaseClass(testing.PluginConformance):
     plugin_kind = "selector"
     plugin_object = BottomSelector()
     check_registered = False
-    checks = {"options": {"n": 3, "top_k": 2}}
+    checks = {"n": 3, "commands": False}
 
 
 class TestConformanceOfAnAdapter(testing.PluginConformance):
     plugin_kind = "adapter"
     plugin_object = ADAPTER
     check_registered = False
+    checks = {"commands": False}  # TinyMoE is no mlx-lm model: it cannot be saved and loaded
 
     def make_model(self):
         mx.random.seed(2)

@@ -1,13 +1,19 @@
 """Conformance checks for mlxfun plugins, for plugin authors to run in their own tests.
 
-Each ``check_*`` function takes a plugin object, exercises the protocol of its kind (see
-``mlxfun.core.types``) the way mlxfun itself calls it, and raises ``AssertionError`` with a
-message that names the plugin and what to fix::
+Each ``check_*`` function takes a plugin object, calls it exactly as mlxfun's commands call it
+(the arguments of ``mlxfun.core.types``, derived from tiny models), runs the commands' own path
+with it (``collect``, ``prune``, loading the result) on tiny checkpoints, and raises
+``AssertionError`` with a message that names the plugin, the argument or return value, what
+arrived and what was expected::
 
     from mlxfun.core import testing
 
     def test_my_scorer():
         testing.check_scorer(MyScorer())
+
+The commands' path needs the built-in plugins (``mlxfun-adapters``, ``mlxfun-methods``): the
+core reaches them through the plugin registry. ``commands=False`` checks the calls alone, with
+``mlxfun-core`` only.
 
 Or subclass ``PluginConformance`` (pytest collects it when the subclass is named ``Test...``)::
 
@@ -21,24 +27,28 @@ functions that run a model.
 
 One module per plugin kind, and the helpers they share:
 
-- ``plugin``: ``check_plugin``, the attributes every kind declares (compressors and
-  interventions have no further check: their work is a whole model, tested in their package);
-- ``scorer``, ``selector``, ``adapter``: ``check_scorer``, ``check_selector``, ``check_adapter``;
+- ``plugin``: ``check_plugin``, the attributes every kind declares (interventions have no
+  further check yet: no command applies them);
+- ``scorer``, ``selector``, ``adapter``, ``compressor``: ``check_scorer``, ``check_selector``,
+  ``check_adapter``, ``check_compressor``;
+- ``commands``: the commands' path: tiny checkpoints with their stats, ``collect`` and
+  ``prune`` through the functions the CLI calls, the kit's own scorer and selector;
 - ``conformance``: ``PluginConformance``, the pytest base class running them;
 - ``observations``: ``make_observation``, a synthetic ``LayerObservation``;
 - ``tiny_models``: ``build_tiny_model``, a model with seeded random weights, and
   ``save_tiny_checkpoint``, one saved with a byte-level tokenizer (``write_byte_tokenizer``);
-- ``plugin_state``: ``registered_plugin`` and ``fresh_plugin_state``;
+- ``plugin_state``: ``registered_plugin``, ``fresh_plugin_state`` and ``substituted_plugin``;
 - ``failures``: how every check fails (an ``AssertionError`` naming the plugin).
 
 Import the names from ``mlxfun.core.testing``; the modules are its layout, not its interface.
 """
 
 from .adapter import check_adapter
+from .compressor import check_compressor
 from .conformance import PluginConformance
 from .observations import make_observation
 from .plugin import NAME_PATTERN, check_plugin
-from .plugin_state import fresh_plugin_state, registered_plugin
+from .plugin_state import fresh_plugin_state, registered_plugin, substituted_plugin
 from .scorer import check_scorer
 from .selector import check_selector
 from .tiny_models import TINY_ARGS, build_tiny_model, save_tiny_checkpoint, write_byte_tokenizer
@@ -49,6 +59,7 @@ __all__ = [
     "PluginConformance",
     "build_tiny_model",
     "check_adapter",
+    "check_compressor",
     "check_plugin",
     "check_scorer",
     "check_selector",
@@ -56,5 +67,6 @@ __all__ = [
     "make_observation",
     "registered_plugin",
     "save_tiny_checkpoint",
+    "substituted_plugin",
     "write_byte_tokenizer",
 ]

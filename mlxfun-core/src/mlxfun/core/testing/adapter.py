@@ -29,8 +29,11 @@ def check_adapter(
     check_weights: bool = True,
     atol: float = 1e-4,
     config: dict | None = None,
+    commands: bool = True,
+    checkpoint=None,
 ):
-    """The adapter finds the model's MoE layers and reproduces their routing exactly.
+    """The adapter finds the model's MoE layers and reproduces their routing exactly, and
+    ``mlxfun collect``, ``prune`` and loading work on a checkpoint of the architecture.
 
     - ``model_type`` is one of ``adapter.model_types`` and ``matches`` accepts ``config``;
     - ``moe_layers(model)`` finds at least one layer, in forward order, with positions 0..n-1,
@@ -44,8 +47,16 @@ def check_adapter(
       off for blocks that gate their shared experts or transform the sum.
 
     ``tokens`` (batch, seq) defaults to random ids below the vocabulary size; ``config`` (default
-    ``{"model_type": model_type}``) is what ``matches`` must accept. Returns the observations of
-    the forward.
+    ``{"model_type": model_type}``) is what ``matches`` must accept.
+
+    With ``commands`` (the default), the commands' own path, with this adapter in the plugin
+    registry: the model is saved as a checkpoint (weights, a config from ``model.args`` and a
+    byte-level tokenizer; or pass ``checkpoint``, e.g. from ``save_tiny_checkpoint``, with a
+    vocabulary of at least 64 tokens), ``mlxfun collect`` observes every observable on it,
+    ``mlxfun prune --n 1`` removes one expert per layer, and the pruned model loads through
+    mlxfun's loader (so the architecture's model classes must be found: mlx-lm's own, or the
+    adapter's ``model_module``), runs, and has one expert fewer in every MoE layer. This needs
+    the ``prune`` compressor (``mlxfun-methods``). Returns the observations of the forward.
     """
     import mlx.core as mx
 
@@ -60,6 +71,8 @@ def check_adapter(
     _check_observations(label, layers, observations, int(np.prod(tokens.shape)))
     if check_weights:
         _check_block_outputs(label, adapter, model, layers, observations, tokens, atol)
+    if commands:
+        _check_commands(label, adapter, model, model_type, checkpoint)
     return observations
 
 
@@ -192,3 +205,72 @@ def _check_block_outputs(label, adapter, model, layers, observations, tokens, at
                 "block multiplies (renormalisation, scaling); pass check_weights=False "
                 "for blocks that gate their shared experts",
             )
+
+
+def _check_commands(label: str, adapter, model, model_type: str, checkpoint) -> None:
+    """collect, prune and load a checkpoint of the architecture through the commands' functions."""
+    import tempfile
+    from pathlib import Path
+
+    from . import commands
+    from .plugin_state import substituted_plugin
+
+    folder = Path(tempfile.mkdtemp(dir=commands.scratch()))
+    source = checkpoint or _save_checkpoint(label, model, model_type, folder / "model")
+    what = f"a tiny {model_type} checkpoint"
+    with commands.kit_plugins(), substituted_plugin("adapter", adapter):
+        commands.run_step(
+            label,
+            f"mlxfun collect on {what}",
+            commands.collect,
+            source,
+            [commands.KIT_SCORER],
+            folder / "stats.npz",
+        )
+        summary = commands.run_step(
+            label,
+            f"mlxfun prune --n 1 on {what}",
+            commands.prune,
+            model=source,
+            stats=folder / "stats.npz",
+            output=folder / "pruned",
+            scorer=commands.KIT_SCORER,
+            selector=commands.KIT_SELECTOR,
+            n=1,
+        )
+        pruned, found = commands.run_step(
+            label, f"loading the pruned {what}", commands.load_and_run, folder / "pruned"
+        )
+    if found is not adapter:
+        fail(label, f"matches() rejects the pruned {model_type} config; {found.name} took it")
+    counts = {layer.index: layer.num_experts for layer in adapter.moe_layers(pruned)}
+    kept = {int(index): len(ids) for index, ids in summary["keep"].items()}
+    if counts != kept:
+        fail(
+            label,
+            f"after mlxfun prune --n 1 the model has {counts} experts per MoE layer (decoder "
+            f"layer: count), the keep map {kept}; check num_experts_keys",
+        )
+
+
+def _save_checkpoint(label: str, model, model_type: str, directory):
+    """The in-memory model as an mlx-lm model directory: weights, ``config.json`` from its
+    ``args`` dataclass, a byte-level tokenizer."""
+    import dataclasses
+
+    from mlx_lm.utils import save_config, save_model
+
+    from .tiny_models import write_byte_tokenizer
+
+    args = getattr(model, "args", None)
+    if not dataclasses.is_dataclass(args):
+        fail(
+            label,
+            "cannot save this model for the commands' path: it has no `args` dataclass "
+            "(mlx-lm's ModelArgs); pass checkpoint=save_tiny_checkpoint(...) or commands=False",
+        )
+    directory.mkdir(parents=True)
+    save_model(directory, model)
+    save_config({**dataclasses.asdict(args), "model_type": model_type}, directory / "config.json")
+    write_byte_tokenizer(directory)
+    return directory

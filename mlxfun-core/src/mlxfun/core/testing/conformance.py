@@ -1,6 +1,7 @@
 """``PluginConformance``: a pytest base class running the kit's checks on one plugin."""
 
 from .adapter import check_adapter
+from .compressor import check_compressor
 from .failures import plugin_label
 from .plugin import check_plugin
 from .scorer import check_scorer
@@ -14,8 +15,8 @@ class PluginConformance:
     ``check_registered`` (default True) also checks that the installed plugins register an
     object of that name, i.e. that your entry point works; set it False for objects you do not
     register. ``checks`` passes keyword arguments to the kind's check function (for instance
-    ``{"options": {"n": 3, "top_k": 2}}`` for a selector, ``{"check_weights": False}`` for an
-    adapter).
+    ``{"n": 3}`` for a selector, ``{"check_weights": False}`` for an adapter, ``{"commands":
+    False}`` to skip the commands' path where only mlxfun-core is installed).
     """
 
     plugin_kind: str = ""
@@ -42,6 +43,8 @@ class PluginConformance:
         elif kind == "adapter":
             model, model_type = self.make_model()
             check_adapter(obj, model, model_type, **options)
+        elif kind == "compressor":
+            check_compressor(obj, **options)
         else:
             check_plugin(kind, obj)
 

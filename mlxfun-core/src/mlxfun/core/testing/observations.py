@@ -19,7 +19,7 @@ def make_observation(
 ) -> LayerObservation:
     """A synthetic ``LayerObservation`` shaped like the observer's.
 
-    ``selected`` holds ``top_k`` distinct experts per token sorted by id (as the observer reports
+    ``selected`` holds ``top_k`` distinct experts per token sorted by id, uint32 (as the observer reports
     them), ``weights`` are positive float32 gate weights summing to 1 per token, ``norms`` are
     the norms of ``outputs``. Only ``selected``, ``weights`` and the fields in ``needs`` are set,
     as in a real collect. Experts in ``never_routed`` are never selected.
@@ -31,7 +31,7 @@ def make_observation(
     selected = np.stack(
         [np.sort(rng.choice(allowed, top_k, replace=False)) for _ in range(num_tokens)]
     )
-    selected = selected.reshape(num_tokens, top_k).astype(np.int64)
+    selected = selected.reshape(num_tokens, top_k).astype(np.uint32)  # the observer's dtype
     raw = rng.random((num_tokens, top_k)) + 0.1
     weights = (raw / raw.sum(-1, keepdims=True)).astype(np.float32)
     outputs = rng.normal(size=(num_tokens, top_k, hidden)).astype(np.float32)

@@ -51,3 +51,27 @@ def _setenv(key: str, value: str | None) -> None:
         os.environ.pop(key, None)
     else:
         os.environ[key] = value
+
+
+@contextmanager
+def substituted_plugin(kind: str, obj) -> Iterator:
+    """In a ``with`` block, looking up the ``kind`` plugin named ``obj.name`` gives ``obj``, as
+    if an installed plugin registered it (it replaces one of that name, keeping its
+    distribution); an adapter is also tried first by ``adapter_for_config``. The registry is
+    restored afterwards. The kit runs the commands' own path this way on the object under test."""
+    from .. import plugins
+    from ..types import PluginInfo
+
+    by_name = plugins.registry()[kind]
+    saved = dict(by_name)
+    current = saved.get(obj.name)
+    where = (current.distribution, current.version) if current else ("mlxfun-kit", "0")
+    info = PluginInfo(kind, obj.name, str(obj.description), *where, obj=obj)
+    by_name.clear()
+    by_name[obj.name] = info
+    by_name.update((name, other) for name, other in saved.items() if name != obj.name)
+    try:
+        yield obj
+    finally:
+        by_name.clear()
+        by_name.update(saved)

@@ -58,8 +58,14 @@ def check_scorer(
     top_k: int = 2,
     layer_local: bool = True,
     rtol: float = 1e-9,
+    commands: bool = True,
 ) -> None:
-    """A scorer accumulates exactly and merges exactly.
+    """A scorer accumulates exactly and merges exactly, and ``mlxfun collect``, ``mlxfun stats
+    merge`` and ``mlxfun prune`` work with it.
+
+    On synthetic observations shaped like the observer's (``make_observation``), called as
+    ``collect`` calls a scorer (``init(num_layers, num_experts)``, ``update(acc, obs)`` per
+    layer and batch, ``finalize(acc)``):
 
     - ``init`` gives a dict of float64 arrays, fresh on every call;
     - ``update`` changes them in place (when the scorer observes anything: ``needs`` not empty),
@@ -72,6 +78,12 @@ def check_scorer(
     - the accumulators survive the stats file (``mlxfun.core.stats.save_stats``/``load_stats``);
     - with ``layer_local`` (the default), observations of one layer change only that layer's
       row of scores.
+
+    With ``commands`` (the default; needs ``mlxfun-adapters`` and ``mlxfun-methods``), the
+    commands' own path on a tiny Qwen3-MoE checkpoint: ``mlxfun collect --scorers <name>``
+    writes finite (MoE layers, experts) scores, ``finalize`` of the stored accumulators; ``mlxfun
+    stats merge`` of collects over two halves of the text equals one collect over all of it;
+    ``mlxfun prune --scorer <name> --dry-run`` ranks by them.
     """
     check_plugin("scorer", scorer)
     trial = _Trial(
@@ -91,6 +103,8 @@ def check_scorer(
     _check_batching(trial, rtol)
     _check_combine(trial, acc_a, batch_a, batch_b, rtol)
     _check_stats_file(trial, acc_a, scores_a, rtol)
+    if commands:
+        _check_commands(trial, rtol)
 
 
 @attrs.frozen
@@ -294,3 +308,52 @@ def _check_stats_file(trial: _Trial, acc: dict, scores: np.ndarray, rtol: float)
 def _allclose(a, b, rtol) -> bool:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return a.shape == b.shape and bool(np.allclose(a, b, rtol=rtol, atol=1e-12))
+
+
+def _check_commands(trial: _Trial, rtol: float) -> None:
+    """collect, stats merge and prune with the scorer, through the commands' functions."""
+    import json
+
+    from ..stats import load_stats, merge_stats
+    from . import commands
+    from .plugin_state import substituted_plugin
+    from .selector import run_kit_step
+
+    scorer, label, name = trial.scorer, trial.label, trial.scorer.name
+    model = run_kit_step(label, commands.checkpoint, "qwen3_moe")
+    folder = Path(tempfile.mkdtemp(dir=commands.scratch()))
+    halves = folder / "first.jsonl", folder / "second.jsonl"
+    for half, texts in zip(halves, (commands.CALIBRATION[:2], commands.CALIBRATION[2:])):
+        half.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    where = f"mlxfun collect --scorers {name} on a tiny qwen3_moe model"
+    with commands.kit_plugins(), substituted_plugin("scorer", scorer):
+        # one sample per batch: each token's observation is the same in every collect
+        for output, datasets in (("all", None), ("first", [halves[0]]), ("second", [halves[1]])):
+            path = folder / f"{output}.npz"
+            commands.run_step(label, where, commands.collect, model, [name], path, datasets, 1)
+        whole, first, second = (load_stats(folder / f"{n}.npz") for n in ("all", "first", "second"))
+        scores = whole.score(name)
+        if scores.shape != (2, 8) or not np.all(np.isfinite(scores)):
+            fail(label, f"{where} stored scores of shape {scores.shape}, expected finite (2, 8)")
+        if not _allclose(scorer.finalize(whole.accumulators[name]), scores, rtol):
+            fail(label, f"finalize() of the accumulators {where} stored differs from its scores")
+        merged = commands.run_step(
+            label, "mlxfun stats merge", merge_stats, [first, second], {name: scorer}, "sum"
+        )
+        if not _allclose(merged.scores[name], scores, rtol):
+            fail(
+                label,
+                "mlxfun stats merge of collects over two halves of the text differs from one "
+                "collect over all of it; accumulate sums (or define combine)",
+            )
+        commands.run_step(
+            label,
+            f"mlxfun prune --scorer {name} --dry-run",
+            commands.prune,
+            model=model,
+            stats=folder / "all.npz",
+            scorer=name,
+            selector=commands.KIT_SELECTOR,
+            n=1,
+            dry_run=True,
+        )
