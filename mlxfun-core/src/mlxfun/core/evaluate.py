@@ -135,6 +135,7 @@ def evaluate(
     import gc
 
     from .io import load_model, load_samples, tokenize_samples
+    from .slicing import check_weights
 
     if not model_dirs:
         raise MlxfunError("pass at least one --model")
@@ -144,6 +145,8 @@ def evaluate(
             "at least 1"
         )
     samples = load_samples(dataset_paths, max_samples=max_samples, seed=seed)
+    for model_dir in model_dirs:  # a damaged later model fails now, not after the others
+        check_weights(model_dir)
     sequences = tokens = None
     reference = None
     rows = []

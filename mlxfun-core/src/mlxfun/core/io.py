@@ -14,6 +14,7 @@ from pathlib import Path
 import attrs
 
 from .errors import MlxfunError
+from .slicing import check_weights, check_weights_mlx
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst"}
 JSONL_SUFFIXES = {".jsonl", ".json"}
@@ -120,8 +121,12 @@ def load_mlx_model(model_dir, lazy: bool = False):
             "model_config": {"model_file": None},
             "get_model_classes": lambda config: classes,
         }
+    check_weights(model_dir)
     try:
         return mlx_load_model(model_dir, lazy=lazy, **options)
+    except RuntimeError:
+        check_weights_mlx(model_dir)  # names the file mlx cannot read
+        raise
     except OSError as exc:
         if not any(model_dir.glob("model*.safetensors")):
             raise MlxfunError(

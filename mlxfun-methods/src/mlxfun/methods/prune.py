@@ -345,6 +345,7 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
     _validate(selection, plans, groups, request.selector)
 
     headers = slicing.read_headers(source)
+    slicing.check_weights_mlx(source)  # what the output's users will load it with
     owner = slicing.assign_tensors(plans, headers)
     kept = [len(selection.keep[plan.position]) for plan in plans]
     uniform = len(set(kept)) == 1
