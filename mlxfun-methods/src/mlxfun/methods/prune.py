@@ -327,6 +327,7 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
     min_keep = _min_keep(request, adapter, plans, groups, topk_group)
     selection = _select(request, selector, scores, plans, groups, min_keep)
     headers = slicing.read_headers(source)
+    slicing.check_weights_mlx(source)  # what the output's users will load it with
     owner = slicing.assign_tensors(plans, headers)
     new_config, model_file = _pruned_config(config, adapter, plans, selection)
     summary = _summary(request, adapter, scores, plans, selection, groups, headers, owner)

@@ -296,7 +296,7 @@ def _check_elementwise(kind: str, activation, neurons: int) -> None:
 
 def _source_tensors(source: Path, headers: dict, names) -> dict:
     """Named tensors of the source checkpoint (mx arrays; ``mx.load`` reads lazily)."""
-    import mlx.core as mx
+    from mlxfun.core.slicing import load_shard
 
     where = {name: shard for shard, infos in headers.items() for name in infos}
     loaded: dict = {}
@@ -304,7 +304,7 @@ def _source_tensors(source: Path, headers: dict, names) -> dict:
     for name in names:
         shard = where[name]
         if shard not in loaded:
-            loaded[shard] = mx.load(str(source / shard))
+            loaded[shard] = load_shard(source / shard)
         result[name] = loaded[shard][name]
     return result
 
