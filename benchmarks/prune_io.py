@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cli_startup import mlxfun_command  # benchmarks/ is on sys.path when run as a script
+from cli_startup import clean_env, mlxfun_command  # benchmarks/ is on sys.path as a script
 
 TIME_TARGET = 1.5
 MEMORY_TARGET = 1.25
@@ -163,7 +163,9 @@ def measure(command: list[str]) -> tuple[float, float, int]:
     child and the floor this leaves is printed with the results."""
     os.sync()  # earlier rounds' dirty pages are flushed outside the timing
     start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env()
+    )
     errors = child.stderr.read().decode(errors="replace")
     _, status, usage = os.wait4(child.pid, 0)
     elapsed = time.perf_counter() - start
