@@ -32,7 +32,7 @@ from .errors import MlxfunError
 
 INDEX_FILE = "model.safetensors.index.json"
 # The buffer of the copy without copy_file_range (macOS, some file systems): one that stays in
-# the CPU cache is copied fastest (on Linux 8 and 64 MiB buffers cost 1.4-1.8x the CPU per byte).
+# the CPU cache is copied fastest (on Linux 8 and 64 MiB buffers cost 1.4-2.7x the CPU per byte).
 _COPY_CHUNK = 1 << 20
 
 
