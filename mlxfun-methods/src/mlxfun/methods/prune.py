@@ -279,20 +279,6 @@ def _copy_other_files(source: Path, destination: Path, skip: set[str]) -> list[s
     return copied
 
 
-@attrs.define(frozen=True)
-class PruneCompressor:
-    name: str = "prune"
-    description: str = (
-        "remove the experts a selector picks from statistics: slice routers, correction biases "
-        "and expert tensors shard by shard; non-uniform results ship a model_file"
-    )
-
-    def compress(self, request) -> dict:
-        if isinstance(request, dict):
-            request = PruneRequest(**request)
-        return prune(request)
-
-
 @attrs.define
 class PrunePlan:
     """What ``plan_prune`` decided: the keep map and everything needed to write it."""
@@ -595,6 +581,3 @@ def prune(request: PruneRequest) -> dict:
         written = write_pruned(plan, tmp)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(plan.provenance, indent=2) + "\n")
     return finish_summary(plan.summary, written)
-
-
-COMPRESSORS = [PruneCompressor()]

@@ -81,20 +81,6 @@ class MergeRequest(PruneRequest):
         return PruneRequest(**{f.name: getattr(self, f.name) for f in attrs.fields(PruneRequest)})
 
 
-@attrs.define(frozen=True)
-class ReamCompressor:
-    name: str = "ream"
-    description: str = (
-        "REAM: merge every expert into the experts a selector keeps (output + router "
-        "similarity, neuron alignment, saliency-weighted average); needs SciPy"
-    )
-
-    def compress(self, request) -> dict:
-        if isinstance(request, dict):
-            request = MergeRequest(**request)
-        return merge(request)
-
-
 # ---------------------------------------------------------------------------------------------
 # Similarity and grouping (numpy)
 
@@ -782,6 +768,3 @@ def _apply(model, experts, plan_layer, keep, merged: dict, directory: Path, head
         current[index] = value.astype(current.dtype)
         module[param] = current
     mx.eval(experts.parameters())
-
-
-COMPRESSORS = [ReamCompressor()]
