@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import read_config
 from .errors import MlxfunError
+from .slicing import check_weights, check_weights_mlx
 
 
 def _needs_float32(model) -> bool:
@@ -91,8 +92,12 @@ def load_mlx_model(model_dir, lazy: bool = False):
             "model_config": {"model_file": None},
             "get_model_classes": lambda config: classes,
         }
+    check_weights(model_dir)
     try:
         return mlx_load_model(model_dir, lazy=lazy, **options)
+    except RuntimeError:
+        check_weights_mlx(model_dir)  # names the file mlx cannot read
+        raise
     except OSError as exc:
         if not any(model_dir.glob("model*.safetensors")):
             raise MlxfunError(
