@@ -36,17 +36,24 @@ EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2")
 class MoELayer:
     """One MoE block inside a loaded model."""
 
-    position: int  # index among the MoE layers
-    index: int  # decoder layer index
-    path: str  # dotted path of the block from the model root, e.g. "model.layers.3.mlp"
-    block: Any = attrs.field(repr=False)
-    experts: Any = attrs.field(repr=False)
-    num_experts: int = 0  # experts the router can pick
-    top_k: int = 0
+    position: int = attrs.field(metadata={"doc": "index among the MoE layers: 0, 1, ..."})
+    index: int = attrs.field(metadata={"doc": "decoder layer index"})
+    path: str = attrs.field(
+        metadata={"doc": 'dotted path of the block from the model root ("model.layers.3.mlp")'}
+    )
+    block: Any = attrs.field(repr=False, metadata={"doc": "the MoE block (an `mlx.nn.Module`)"})
+    experts: Any = attrs.field(
+        repr=False, metadata={"doc": "the stacked experts module, or a list of expert modules"}
+    )
+    num_experts: int = attrs.field(default=0, metadata={"doc": "experts the router can pick"})
+    top_k: int = attrs.field(default=0, metadata={"doc": "experts each token uses"})
     # The last ``zero_experts`` of them are parameter-free experts that the block computes
     # itself (longcat_flash's identity experts): they have no weights in ``experts`` and
     # pruning keeps them.
-    zero_experts: int = 0
+    zero_experts: int = attrs.field(
+        default=0,
+        metadata={"doc": "the last ones of `num_experts` that are parameter-free (kept by prune)"},
+    )
 
 
 def get_path(obj, path: str):

@@ -34,6 +34,16 @@ REQUIRED_ATTRIBUTES = {
 # What a scorer may ask the observer for (``Scorer.needs``).
 OBSERVABLES = frozenset({"selected", "weights", "logits", "norms", "outputs"})
 
+# The plain attributes of the protocols below (their methods say what they are themselves).
+ATTRIBUTE_DOCS = {
+    "name": "unique per kind; letters, digits, `_` and `-` (typed on the command line, used in "
+    "stats file keys)",
+    "description": "one line, shown by `mlxfun plugins`",
+    "model_types": "the `config.json` `model_type` values it handles (one adapter per type)",
+    "needs": "what `update` reads besides `selected` and `weights`: a subset of "
+    "`OBSERVABLES` = {" + ", ".join(f"`{o}`" for o in sorted(OBSERVABLES)) + "}",
+}
+
 
 def _doc(text: str, **kwargs):
     """An attrs field with a ``doc`` (the docs/plugins.md column "meaning")."""

@@ -239,7 +239,11 @@ def _check_commands(label: str, adapter, model, model_type: str, checkpoint) -> 
             n=1,
         )
         pruned, found = commands.run_step(
-            label, f"loading the pruned {what}", commands.load_and_run, folder / "pruned"
+            label,
+            f"loading {what} after mlxfun prune --n 1 (num_experts_keys must name the config "
+            "keys of the expert count; mlxfun must find the model classes)",
+            commands.load_and_run,
+            folder / "pruned",
         )
     if found is not adapter:
         fail(label, f"matches() rejects the pruned {model_type} config; {found.name} took it")

@@ -1,4 +1,5 @@
-"""An example mlxfun plugin: the ``example_moe`` adapter and the ``token_share`` scorer.
+"""An example mlxfun plugin: the ``example_moe`` adapter, the ``token_share`` scorer and the
+``example_bottom`` selector.
 
 mlxfun imports this module through the ``mlxfun`` entry point whenever it lists or looks up
 plugins, so it imports nothing heavy: the hooks import the modules that define the objects.
@@ -19,3 +20,10 @@ def register_scorers(register):
     from .scorer import TokenShare
 
     register(TokenShare())
+
+
+@hookimpl
+def register_selectors(register):
+    from .selector import ExampleBottom
+
+    register(ExampleBottom())
