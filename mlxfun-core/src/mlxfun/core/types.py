@@ -96,7 +96,11 @@ class Selection:
 
 @runtime_checkable
 class Adapter(Protocol):
-    """One MoE architecture family. See ``mlxfun.core.adapter.MoEAdapter`` for the base class."""
+    """One MoE architecture family. See ``mlxfun.core.adapter.MoEAdapter`` for the base class.
+
+    Optional: ``model_module``, the dotted name of a module exposing ``Model`` and ``ModelArgs``
+    like mlx-lm's model modules, for model types mlx-lm lacks (``mlxfun.core.architectures``).
+    """
 
     name: str
     description: str
