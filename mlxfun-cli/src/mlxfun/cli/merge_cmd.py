@@ -5,7 +5,7 @@ from pathlib import Path
 import typer
 
 from .output import print_json, print_table
-from .prune_cmd import NONUNIFORM_HINT, saving_line
+from .prune_cmd import MODEL_FILE_HELP, model_file_hint, saving_line
 
 
 def register(app: typer.Typer) -> None:
@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(
             False, "--dry-run", help="Print the centroids and size saving; write nothing."
         ),
+        model_file: bool = typer.Option(False, "--model-file", help=MODEL_FILE_HELP),
         force: bool = typer.Option(False, "--force", help="Replace an existing --output."),
         json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ):
@@ -91,6 +92,7 @@ def register(app: typer.Typer) -> None:
             seed=seed,
             force=force,
             dry_run=dry_run,
+            model_file=model_file,
             progress=not json_output,
         )
         summary = plugins.get_compressor("ream").compress(request)
@@ -125,5 +127,5 @@ def _print_summary(summary: dict) -> None:
             f"{q['mode']}"
         )
     print(f"similarities on {summary['tokens']} tokens; wrote {summary['output']}")
-    if not summary["uniform"]:
-        print(NONUNIFORM_HINT)
+    if hint := model_file_hint(summary):
+        print(hint)

@@ -19,6 +19,24 @@ NONUNIFORM_HINT = (
     "load it with mlx_lm.load(path, trust_remote_code=True) or "
     "mlx_lm.generate --trust-remote-code; mlxfun loads it as it is"
 )
+MODEL_FILE_HINT = (
+    "model_file {}: a copy of the plugin's model module; stock mlx-lm loads it with "
+    "mlx_lm.load(path, trust_remote_code=True), mlxfun with the installed plugin"
+)
+MODEL_FILE_HELP = (
+    "Copy the adapter plugin's model module into the output as its model_file, so that stock "
+    "mlx-lm loads it with trust_remote_code=True (a snapshot: it misses the plugin's later "
+    "fixes)."
+)
+
+
+def model_file_hint(summary: dict) -> str | None:
+    """How to load what was written, when it ships a model_file."""
+    if not summary["uniform"]:
+        return NONUNIFORM_HINT
+    if summary.get("model_file"):
+        return MODEL_FILE_HINT.format(summary["model_file"])
+    return None
 
 
 def saving_line(summary: dict) -> str:
@@ -71,6 +89,7 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(
             False, "--dry-run", help="Print the keep map and size saving; write nothing."
         ),
+        model_file: bool = typer.Option(False, "--model-file", help=MODEL_FILE_HELP),
         force: bool = typer.Option(False, "--force", help="Replace an existing --output."),
         json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ):
@@ -92,6 +111,7 @@ def register(app: typer.Typer) -> None:
             normalize=normalize,
             force=force,
             dry_run=dry_run,
+            model_file=model_file,
         )
         summary = plugins.get_compressor("prune").compress(request)
         if json_output:
@@ -109,5 +129,5 @@ def register(app: typer.Typer) -> None:
             print("dry run: nothing written")
         else:
             print(f"wrote {summary['output']}")
-            if not summary["uniform"]:
-                print(NONUNIFORM_HINT)
+            if hint := model_file_hint(summary):
+                print(hint)

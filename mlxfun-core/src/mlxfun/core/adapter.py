@@ -20,7 +20,10 @@ probability before the top-k (the softmax or sigmoid the route takes of the logi
 selection-only bias): an adapter's ``scores`` when declared, else the route's own ``scores``
 attribute (the routing factories set it), else the softmax of the logits. The MoE layers are
 found by looking for modules at ``<block>.<experts_attr>`` that hold stacked expert weights, so
-dense layers, strided MoE layers and hybrid stacks need no extra description. Nothing here imports MLX at module import time.
+dense layers, strided MoE layers and hybrid stacks need no extra description. An architecture
+that mlx-lm lacks brings its model classes: ``model_module="package.module"``, a module with
+``Model`` and ``ModelArgs`` like mlx-lm's (``mlxfun.core.architectures``). Nothing here imports
+MLX at module import time.
 """
 
 import re
@@ -156,6 +159,9 @@ class MoEAdapter:
     # Model types this adapter knows about but cannot support correctly, with the reason.
     unsupported: dict[str, str] = attrs.field(factory=dict)
     notes: str = ""
+    # "package.module" exposing Model and ModelArgs like mlx-lm's model modules, for a model
+    # type mlx-lm lacks: mlxfun builds this adapter's models with it (mlxfun.core.architectures).
+    model_module: str | None = None
 
     def matches(self, config: dict) -> bool:
         return config.get("model_type") in self.model_types

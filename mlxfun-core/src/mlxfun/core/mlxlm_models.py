@@ -9,8 +9,8 @@ the stand-in out of ``sys.modules`` again, so a later ``import mlx_lm`` runs the
 same classes. ``_BindSubmodules`` then sets the submodules imported before it (``models``) as
 attributes of the real package, as an ordinary import would have.
 
-Only code that builds models from config (``slicing.model_skeleton``, ``nonuniform``) goes
-through here; mlx-lm's loaders, tokenizers and generation are imported as usual where needed.
+Only code that builds models from config (``architectures``: ``slicing.model_skeleton``,
+``nonuniform``, plugins' model modules) goes through here; mlx-lm's loaders, tokenizers and generation are imported as usual where needed.
 """
 
 import importlib
@@ -103,7 +103,13 @@ def model_classes(config: dict) -> tuple[type, type]:
 def model_module(name: str):
     """The module ``mlx_lm.models.<name>``. When mlx-lm is not imported yet, it is imported
     without running ``mlx_lm/__init__.py`` (see the module docstring)."""
-    full = f"{PACKAGE}.models.{name}"
+    return import_light(f"{PACKAGE}.models.{name}")
+
+
+def import_light(full: str):
+    """Import the module ``full``, an mlx-lm model module or a plugin's model module built from
+    mlx-lm's (``mlx_lm.models.base``, ``switch_layers``, ...), without running
+    ``mlx_lm/__init__.py`` when mlx-lm is not imported yet (see the module docstring)."""
     if full in sys.modules:
         return sys.modules[full]
     # With other threads running, one of them could import mlx_lm while the bare package

@@ -1,15 +1,20 @@
-"""Loading mlx-lm model directories (never running their Python), and copying model files.
+"""Loading model directories through mlx-lm (never running their Python), and copying model
+files.
 
-mlxfun's own non-uniform outputs carry a ``model_file``; they are built from mlxfun's template
-(``nonuniform``), never from the file on disk; any other ``model_file`` is refused.
+The model classes come from ``model_classes``: an installed adapter's ``model_module`` or
+mlx-lm's own module (``architectures``); a ``model_file`` only when mlxfun wrote it, and then
+built from installed code, never from the file (``model_files``).
 """
 
+import contextlib
+import logging
 import shutil
 import sys
 from pathlib import Path
 
 from .config import read_config
 from .errors import MlxfunError
+from .model_files import model_classes
 from .slicing import check_weights, check_weights_mlx
 
 
@@ -52,46 +57,20 @@ def to_runnable_dtype(model) -> bool:
     return True
 
 
-def model_classes(model_dir, config: dict):
-    """``(Model, ModelArgs)`` for a config with a ``model_file``, or ``None`` without one.
-
-    mlxfun never runs a model directory's own Python: the only ``model_file`` it accepts is
-    its own non-uniform one (``nonuniform.is_nonuniform``), and that is built from mlxfun's
-    template (``nonuniform.load_module``), not from the file on disk. Any other ``model_file``
-    is refused.
-    """
-    model_file = config.get("model_file")
-    if model_file is None:
-        return None
-    from . import nonuniform
-
-    if not nonuniform.is_nonuniform(config):
-        raise MlxfunError(
-            f"{model_dir} builds its architecture from its own Python file model_file="
-            f"{model_file!r}; mlxfun never runs a model directory's code and only knows the "
-            f"{nonuniform.MODEL_FILE} it writes: use a model that stock mlx-lm builds"
-        )
-    module = nonuniform.load_module(config)
-    return module.Model, module.ModelArgs
-
-
 def load_mlx_model(model_dir, lazy: bool = False):
-    """``(model, config)`` as ``mlx_lm.utils.load_model`` builds them, never running a
-    ``model_file`` from disk (see ``model_classes``); mlx-lm's refusals and missing files
-    become one-line errors."""
+    """``(model, config)`` as ``mlx_lm.utils.load_model`` builds them, with the classes of
+    ``model_classes`` as its ``get_model_classes`` (never running a ``model_file`` from disk);
+    mlx-lm's refusals and missing files become one-line errors."""
     from mlx_lm.utils import load_model as mlx_load_model
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     classes = model_classes(model_dir, config)
-    options = {}
-    if classes is not None:
+    options = {"get_model_classes": lambda config: classes}
+    if config.get("model_file") is not None:
         # mlx-lm imports config["model_file"] whenever it is set: hide it so that it asks
-        # get_model_classes, which answers with mlxfun's own template.
-        options = {
-            "model_config": {"model_file": None},
-            "get_model_classes": lambda config: classes,
-        }
+        # get_model_classes, which answers with installed code.
+        options["model_config"] = {"model_file": None}
     check_weights(model_dir)
     try:
         return mlx_load_model(model_dir, lazy=lazy, **options)
@@ -109,20 +88,40 @@ def load_mlx_model(model_dir, lazy: bool = False):
         raise MlxfunError(f"mlx-lm cannot load {model_dir}: {exc}") from None
 
 
-def load_model(model_dir):
-    """Load an mlx-lm model directory: ``(model, tokenizer, config)``.
+# transformers' AutoTokenizer reads config.json through AutoConfig; for a model type it does not
+# know (a plugin's architecture) it falls back to a bare config and logs this warning on every
+# load, although the tokenizer does not depend on the model type.
+UNKNOWN_MODEL_TYPE_WARNING = "You are using a model of type "
 
-    mlxfun's own non-uniform outputs carry a ``model_file`` (see ``nonuniform``); they are
-    built from mlxfun's template, never from the file; any other ``model_file`` is refused.
-    """
+
+def _drop_unknown_model_type_warning(record) -> bool:
+    return not str(record.msg).startswith(UNKNOWN_MODEL_TYPE_WARNING)
+
+
+@contextlib.contextmanager
+def _without_unknown_model_type_warning():
+    """Drop exactly that warning (a filter on transformers' configuration logger), nothing
+    else, while the tokenizer loads."""
+    logger = logging.getLogger("transformers.configuration_utils")
+    logger.addFilter(_drop_unknown_model_type_warning)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_drop_unknown_model_type_warning)
+
+
+def load_model(model_dir):
+    """Load a model directory: ``(model, tokenizer, config)``, the model built by
+    ``model_classes`` (a plugin's architecture included; a ``model_file`` never run)."""
     config = read_config(model_dir)
     from mlx_lm.utils import load_tokenizer
 
     model, loaded_config = load_mlx_model(model_dir)
     try:
-        tokenizer = load_tokenizer(
-            Path(model_dir), eos_token_ids=loaded_config.get("eos_token_id", None)
-        )
+        with _without_unknown_model_type_warning():
+            tokenizer = load_tokenizer(
+                Path(model_dir), eos_token_ids=loaded_config.get("eos_token_id", None)
+            )
     except (OSError, ValueError) as exc:
         raise MlxfunError(
             f"cannot load the tokenizer of {model_dir} ({type(exc).__name__}: "

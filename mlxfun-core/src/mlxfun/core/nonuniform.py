@@ -15,14 +15,20 @@ in): its ``ModelArgs`` is the architecture's own, remembering the config; its ``
 architecture's own model with ``base_num_experts`` (the config's expert-count keys, set to the
 largest count), then, for every other count, builds the architecture's model from the same
 config with the expert-count keys set to that count and moves its decoder layers
-(``module``) into place. Each MoE layer is therefore exactly what mlx-lm builds for that count;
-parameters are created lazily and never evaluated before the weights replace them.
+(``module``) into place. Each MoE layer is therefore exactly what the architecture's module
+builds for that count; parameters are created lazily and never evaluated before the weights
+replace them.
+
+The base module is mlx-lm's (``mlx_lm.models.<type>``) or, for a plugin's architecture, the
+``model_module`` its installed adapter declares (``architectures``). With ``--model-file`` the
+plugin's module is also copied beside the file (``"base_file"``), and the file imports that copy.
 
 Stock mlx-lm loads such a directory only with ``trust_remote_code=True``
 (``mlx_lm.load(path, trust_remote_code=True)``, ``mlx_lm.generate --trust-remote-code``). The
-file imports nothing but mlx-lm. mlxfun itself never runs the file on disk: it builds the model
-from this template (``load_module``; ``mlxfun.core.models.load_model``, ``slicing.model_skeleton``)
-and refuses any other ``model_file``.
+file imports nothing but its base module. mlxfun itself never runs the file on disk (nor a
+copied base file): it builds the model from this template with the installed base module
+(``load_module``; ``mlxfun.core.models.load_model``, ``slicing.model_skeleton``) and refuses any
+other ``model_file``.
 """
 
 import copy
@@ -32,18 +38,34 @@ from .errors import MlxfunError
 MODEL_FILE = "mlxfun_nonuniform.py"
 
 MODEL_FILE_SOURCE = '''"""A Mixture-of-Experts model with its own expert count in every MoE layer, written by
-mlxfun {version} (model-wide expert pruning). It needs only mlx-lm.
+mlxfun {version} (model-wide expert pruning).
 
-Each MoE layer is built by mlx-lm's own architecture ({base_module}) with the expert count
+Each MoE layer is built by the architecture's own module ({base_module}) with the expert count
 recorded for it in config.json["mlxfun"]["nonuniform"]["layers"]. Load with
 mlx_lm.load(path, trust_remote_code=True) or mlx_lm.generate --trust-remote-code.
 """
 
 import copy
 import importlib
+import importlib.util
+import pathlib
 
 BASE_MODULE = "{base_module}"
-base = importlib.import_module(BASE_MODULE)
+# The architecture's module copied beside this file (mlxfun --model-file), or None: import it.
+BASE_FILE = {base_file!r}
+
+
+def _base():
+    if BASE_FILE is None:
+        return importlib.import_module(BASE_MODULE)
+    path = pathlib.Path(__file__).with_name(BASE_FILE)
+    spec = importlib.util.spec_from_file_location("mlxfun_base_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+base = _base()
 
 
 def _get(root, path):
@@ -137,17 +159,18 @@ def present_keys(config: dict, keys) -> list[str]:
 
 
 def base_module(config: dict) -> str:
-    """The mlx-lm module that builds this config (after mlx-lm's model-type remappings)."""
-    from . import mlxlm_models
+    """The module that builds this config: an installed adapter's ``model_module``, else
+    mlx-lm's (after mlx-lm's model-type remappings)."""
+    from . import architectures
 
     # The module mlx-lm imports; it may take Model from another module (solar_open: glm4_moe).
-    return f"mlx_lm.models.{mlxlm_models.module_name(config)}"
+    return architectures.module_name(config)
 
 
-def model_file_source(base: str) -> str:
+def model_file_source(base: str, base_file: str | None = None) -> str:
     from . import __version__
 
-    return MODEL_FILE_SOURCE.format(base_module=base, version=__version__)
+    return MODEL_FILE_SOURCE.format(base_module=base, base_file=base_file, version=__version__)
 
 
 def uniform_config(config: dict, keys: list[str], count: int) -> dict:
@@ -156,6 +179,7 @@ def uniform_config(config: dict, keys: list[str], count: int) -> dict:
     config.pop("model_file", None)
     if isinstance(config.get("mlxfun"), dict):
         config["mlxfun"].pop("nonuniform", None)
+        config["mlxfun"].pop("model_module", None)  # a copied model module (--model-file)
         if not config["mlxfun"]:
             config.pop("mlxfun")
     for key in keys:
@@ -180,23 +204,29 @@ def nonuniform_config(config: dict, keys: list[str], layers: list[dict]) -> tupl
 
 
 def load_module(config: dict):
-    """The model file's module, from mlxfun's own template (never a file from disk)."""
+    """The model file's module, from mlxfun's own template and the installed base module (never
+    a file from disk)."""
     import re
     import types
 
-    base = config["mlxfun"]["nonuniform"].get("base_module")
-    # The name is pasted into the template's source and imported: only mlx-lm's own modules.
-    if not isinstance(base, str) or not re.fullmatch(
-        r"mlx_lm\.models\.[A-Za-z_][A-Za-z0-9_]*", base
-    ):
-        raise MlxfunError(
-            f"config.json mlxfun.nonuniform.base_module is {base!r}, not an mlx-lm model module "
-            "(mlx_lm.models.NAME); the config was not written by mlxfun: restore it"
-        )
-    from . import mlxlm_models
+    from . import architectures
 
-    # imported here first, so that the template's own import of it does not start all of mlx-lm
-    mlxlm_models.model_module(base.rpartition(".")[2])
+    base = config["mlxfun"]["nonuniform"].get("base_module")
+    # The name is pasted into the template's source and imported: only mlx-lm's own modules
+    # and the model module that the installed adapter of this model type declares.
+    mlx_lm_module = isinstance(base, str) and re.fullmatch(
+        r"mlx_lm\.models\.[A-Za-z_][A-Za-z0-9_]*", base
+    )
+    if not mlx_lm_module and (base is None or base != architectures.declared_module(config)):
+        raise MlxfunError(
+            f"config.json mlxfun.nonuniform.base_module is {base!r}, neither an mlx-lm model "
+            "module (mlx_lm.models.NAME) nor the model_module of the installed adapter for "
+            f"model type {config.get('model_type')!r}; install the plugin that provides it, or "
+            "restore the config mlxfun wrote"
+        )
+    # imported here first (light: see mlxlm_models), so that the template's own import of it
+    # finds it in sys.modules
+    architectures.import_model_module(base)
     module = types.ModuleType("mlxfun_nonuniform_model")
     exec(compile(model_file_source(base), MODEL_FILE, "exec"), module.__dict__)
     return module

@@ -577,25 +577,19 @@ def size_after(headers: dict[str, dict], owner: dict[str, LayerPlan], keep) -> t
 
 def model_skeleton(model_dir, config: dict | None = None):
     """The model's module tree built from its config.json, parameters never evaluated
-    (so nothing is loaded or allocated); mlxfun's non-uniform models are rebuilt from their
-    recorded per-layer expert counts. Returns ``(model, config)``. Imports only mlx-lm's model
-    modules, never its loaders (and transformers): see ``mlxlm_models``."""
-    from . import mlxlm_models, nonuniform
+    (so nothing is loaded or allocated), by the classes mlxfun loads it with
+    (``model_files.model_classes``: a plugin's architecture, mlxfun's non-uniform models rebuilt
+    from their recorded per-layer expert counts). Returns ``(model, config)``. Imports only
+    model modules, never mlx-lm's loaders (and transformers): see ``mlxlm_models``."""
+    from . import mlxlm_models, model_files
 
     config = mlxlm_models.load_config(model_dir) if config is None else config
-    if config.get("model_file") is not None:
-        if not nonuniform.is_nonuniform(config):
-            raise MlxfunError(
-                f"{model_dir} builds its architecture from its own model_file "
-                f"{config['model_file']!r}; mlxfun only knows the ones it wrote"
-            )
-        return nonuniform.build_model(config), config
+    model_class, args_class = model_files.model_classes(model_dir, config)
     try:
-        model_class, args_class = mlxlm_models.model_classes(config)
         model = model_class(args_class.from_dict(config))
     except Exception as exc:
         raise MlxfunError(
-            f"mlx-lm cannot build {config.get('model_type')!r} from {model_dir}/config.json "
+            f"cannot build {config.get('model_type')!r} from {model_dir}/config.json "
             f"({type(exc).__name__}: {exc})"
         ) from None
     return model, config

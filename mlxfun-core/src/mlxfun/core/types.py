@@ -204,11 +204,20 @@ class CompressRequest:
     normalize: str = _doc("`none`, `mean` or `max` (--normalize)", default="none")
     force: bool = _doc("replace an existing output (--force)", default=False)
     dry_run: bool = _doc("plan and return the summary, write nothing (--dry-run)", default=False)
+    model_file: bool = _doc(
+        "copy a plugin architecture's model module into the output as its `model_file`, so "
+        "stock mlx-lm loads it with `trust_remote_code=True` (--model-file)",
+        default=False,
+    )
 
 
 @runtime_checkable
 class Adapter(Protocol):
-    """One MoE architecture family. See ``mlxfun.core.adapter.MoEAdapter`` for the base class."""
+    """One MoE architecture family. See ``mlxfun.core.adapter.MoEAdapter`` for the base class.
+
+    Optional: ``model_module``, the dotted name of a module exposing ``Model`` and ``ModelArgs``
+    like mlx-lm's model modules, for model types mlx-lm lacks (``mlxfun.core.architectures``).
+    """
 
     name: str
     description: str

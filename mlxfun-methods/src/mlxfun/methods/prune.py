@@ -287,7 +287,7 @@ class PrunePlan:
     selection: object
     owner: dict
     new_config: dict
-    model_file: str | None
+    model_files: dict  # file name -> text: the model file(s) written beside config.json
     summary: dict
     provenance: dict
     skip: set
@@ -310,8 +310,9 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
     headers = slicing.read_headers(source)
     slicing.check_weights_mlx(source)  # what the output's users will load it with
     owner = slicing.assign_tensors(plans, headers)
-    new_config, model_file = _pruned_config(config, adapter, plans, selection)
+    new_config, model_files = _pruned_config(config, adapter, plans, selection, request)
     summary = _summary(request, adapter, scores, plans, selection, groups, headers, owner)
+    summary["model_file"] = new_config.get("model_file")
     provenance = _provenance(
         request, method, fingerprint, stats, plans, selection, min_keep, groups, summary
     )
@@ -325,10 +326,10 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
         selection=selection,
         owner=owner,
         new_config=new_config,
-        model_file=model_file,
+        model_files=model_files,
         summary=summary,
         provenance=provenance,
-        skip=_files_not_copied(config),
+        skip=_files_not_copied(config) | set(model_files),
     )
 
 
@@ -429,9 +430,24 @@ def _config_counts(plans, selection) -> list[int]:
     return [len(selection.keep[plan.position]) - plan.zero_experts for plan in plans]
 
 
-def _pruned_config(config: dict, adapter, plans, selection) -> tuple[dict, str | None]:
-    """``(config, model file source or None)`` of the pruned model: uniform counts edit the
-    expert-count keys, different counts per layer need mlxfun's non-uniform model file."""
+def _pruned_config(config: dict, adapter, plans, selection, request) -> tuple[dict, dict]:
+    """``(config, model files)`` of the pruned model: uniform counts edit the expert-count
+    keys, different counts per layer need mlxfun's non-uniform model file; ``--model-file``
+    adds a copy of the plugin's model module (``mlxfun.core.model_files``)."""
+    from mlxfun.core import model_files, nonuniform
+
+    new_config, model_file = _counts_config(config, adapter, plans, selection)
+    files = {} if model_file is None else {nonuniform.MODEL_FILE: model_file}
+    if request.model_file:
+        new_config, copied = model_files.copy_model_module(new_config)
+        files.update(copied)
+    return new_config, files
+
+
+def _counts_config(config: dict, adapter, plans, selection) -> tuple[dict, str | None]:
+    """``(config, model file source or None)`` with the kept expert counts: uniform counts
+    edit the expert-count keys, different counts per layer need mlxfun's non-uniform model
+    file."""
     from mlxfun.core import nonuniform
 
     counts = _config_counts(plans, selection)
@@ -540,18 +556,22 @@ def _files_not_copied(config: dict) -> set[str]:
     skip = {"config.json", PROVENANCE_FILE, slicing.INDEX_FILE}
     if config.get("model_file"):
         skip.add(str(config["model_file"]))
+    recorded = config.get("mlxfun")
+    nonuniform = recorded.get("nonuniform") if isinstance(recorded, dict) else None
+    if isinstance(nonuniform, dict) and nonuniform.get("base_file"):
+        skip.add(str(nonuniform["base_file"]))  # a model module copied by --model-file
     return skip
 
 
 def write_pruned(plan: "PrunePlan", directory: Path) -> dict:
     """Write the pruned checkpoint, config, model file and the other files (not mlxfun.json)
     into ``directory``; returns the byte counts of ``slicing.slice_checkpoint``."""
-    from mlxfun.core import nonuniform, slicing
+    from mlxfun.core import slicing
 
     written = slicing.slice_checkpoint(plan.source, directory, plan.owner, plan.selection.keep)
     (directory / "config.json").write_text(json.dumps(plan.new_config, indent=4) + "\n")
-    if plan.model_file is not None:
-        (directory / nonuniform.MODEL_FILE).write_text(plan.model_file)
+    for name, text in plan.model_files.items():
+        (directory / name).write_text(text)
     _copy_other_files(plan.source, directory, plan.skip)
     return written
 

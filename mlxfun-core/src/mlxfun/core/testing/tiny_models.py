@@ -34,12 +34,14 @@ TINY_ARGS = dict(
 )
 
 
-def _model_module(model_type: str, module):
+def _model_module(model_type: str, args: dict, module):
     """The module that builds ``model_type``: ``module`` itself (a module object), a module
-    name (dotted: imported as is; bare: ``mlx_lm.models.<name>``), or by default what mlxfun
-    loads ``model_type`` with."""
+    name (dotted: imported as is; bare: ``mlx_lm.models.<name>``), or by default the one mlxfun
+    loads ``model_type`` with (an installed adapter's ``model_module``, else mlx-lm's)."""
     if module is None:
-        module = model_type
+        from ..architectures import model_module
+
+        return model_module({"model_type": model_type, **args})
     if not isinstance(module, str):
         return module
     if "." in module:
@@ -61,7 +63,8 @@ def build_tiny_model(
 
     ``module`` builds it: a module exposing ``Model`` and ``ModelArgs`` (a plugin's model
     module), or its name (``"qwen3_moe"`` for ``mlx_lm.models.qwen3_moe``, or a dotted name);
-    default: ``model_type``'s. Parameters that the module initialises to a constant (zero routers
+    default: the module mlxfun loads ``model_type`` with (an installed adapter's
+    ``model_module``, else mlx-lm's). Parameters that the module initialises to a constant (zero routers
     or correction biases) are re-drawn so the routing really depends on the input. ``bits``
     quantizes every layer whose input size ``group_size`` divides, as mlx-lm's converter does.
     """
@@ -69,7 +72,7 @@ def build_tiny_model(
     import mlx.nn as nn
     from mlx.utils import tree_map_with_path
 
-    models = _model_module(model_type, module)
+    models = _model_module(model_type, args, module)
     mx.random.seed(seed)
     model = models.Model(models.ModelArgs.from_dict({"model_type": model_type, **args}))
     rng = np.random.default_rng(seed)

@@ -1,4 +1,5 @@
-"""The adapter for ``example_moe``, a made-up architecture laid out like Qwen3-MoE.
+"""The adapter for ``example_moe``, a made-up architecture laid out like Qwen3-MoE, whose model
+classes are in ``example_moe.py`` (mlx-lm has no such model type).
 
 Each decoder layer ``model.layers[i].mlp`` is an MoE block with a Linear router ``gate`` and
 stacked experts ``switch_mlp`` (a ``SwitchGLU``). The block takes a softmax over all experts,
@@ -32,4 +33,5 @@ EXAMPLE_MOE = MoEAdapter(
     route=softmax_topk,
     num_experts_keys=("num_experts",),  # config keys to edit when experts are removed
     top_k_keys=("num_experts_per_tok",),
+    model_module="mlxfun_example_plugin.example_moe",  # Model and ModelArgs for example_moe
 )
