@@ -35,6 +35,7 @@ EXAMPLE = {
     "renormalised",
     ("scorer", "token_share"): "fraction of the layer's tokens routed to the expert (its load; "
     "sums to top-k)",
+    ("selector", "example_bottom"): "each layer's n lowest-scoring experts (example plugin)",
 }
 BROKEN_ERROR = "RuntimeError: mlxfun-broken-plugin fails on import on purpose"
 
@@ -371,6 +372,7 @@ def test_help_and_plugins_do_not_import_mlx_or_scipy():
         "src/mlxfun_example_plugin/__init__.py",
         "src/mlxfun_example_plugin/adapter.py",
         "src/mlxfun_example_plugin/scorer.py",
+        "src/mlxfun_example_plugin/selector.py",
         "tests/test_example_plugin.py",
     ],
 )

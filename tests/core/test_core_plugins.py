@@ -296,3 +296,112 @@ def test_the_conformance_kit_passes_the_in_process_plugins():
     testing.check_scorer(CountScorer(), commands=False)
     testing.check_selector(BottomSelector(), commands=False)
     testing.check_selector(BottomSelector(), n=3, commands=False)
+
+
+# ----- which plugin raised (what `mlxfun` reports in one line)
+
+
+class RaisingCompressor:
+    """Calls the selector it is given, as prune does, so a selector's failure happens inside it."""
+
+    name = "squash"
+    description = "calls a selector"
+
+    def compress(self, request):
+        from mlxfun.core import plugins
+
+        if request == "itself":
+            raise KeyError("compressor's own bug")
+        return plugins.get_selector(request).select(np.ones((2, 4)), n=1)
+
+
+class FailingSelector(BottomSelector):
+    name = "failing"
+
+    def select(self, scores, **options):
+        return _helper(scores)
+
+
+def _helper(scores):
+    raise ZeroDivisionError("division by zero in a helper")
+
+
+class FailingPlugin:
+    @hookimpl
+    def register_selectors(self, register):
+        register(FailingSelector())
+        register(BottomSelector())
+
+    @hookimpl
+    def register_compressors(self, register):
+        register(RaisingCompressor())
+
+
+def raised(function, *args):
+    try:
+        function(*args)
+    except Exception as exc:
+        return exc
+    raise AssertionError("nothing raised")
+
+
+def test_the_innermost_plugin_frame_names_the_failing_plugin(no_installed_plugins):
+    plugins = no_installed_plugins
+    with testing.registered_plugin(FailingPlugin(), "failing-test", "mlxfun-failing", "0.3"):
+        compressor = plugins.get_compressor("squash")
+        exc = raised(compressor.compress, "failing")  # the selector's helper raised
+        info = plugins.failed_plugin(exc)
+        assert (info.kind, info.name, info.distribution) == (
+            "selector",
+            "failing",
+            "mlxfun-failing",
+        )
+        assert plugins.plugin_failure_message(info, exc) == (
+            "selector plugin 'failing' (mlxfun-failing 0.3) failed: ZeroDivisionError: "
+            "division by zero in a helper (--debug or MLXFUN_DEBUG=1 shows the traceback)"
+        )
+        info = plugins.failed_plugin(raised(compressor.compress, "itself"))
+        assert (info.kind, info.name) == ("compressor", "squash")
+        assert plugins.failed_plugin(raised(int, "not a number")) is None  # no plugin code ran
+
+
+def test_copies_held_functions_and_chained_exceptions_are_attributed(no_installed_plugins):
+    import attrs
+
+    plugins = no_installed_plugins
+
+    @attrs.frozen
+    class Seeded(CountScorer):
+        name: str = "seeded"
+        seed: int = 0
+
+        def update(self, acc, obs):
+            raise ValueError(f"seed {self.seed}")
+
+    def route(block, logits):
+        raise RuntimeError("route failed")
+
+    holder = type("Holder", (), {})()
+    holder.name, holder.description, holder.select = "held", "holds its function", route
+
+    class Plugin:
+        @hookimpl
+        def register_scorers(self, register):
+            register(Seeded())
+
+        @hookimpl
+        def register_selectors(self, register):
+            register(holder)
+
+    with testing.registered_plugin(Plugin(), "copies-test", "mlxfun-copies", "1"):
+        copy = attrs.evolve(plugins.get_scorer("seeded"), seed=3)  # what collect's with_seed makes
+        assert plugins.failed_plugin(raised(copy.update, {}, None)).name == "seeded"
+        assert plugins.failed_plugin(raised(holder.select, None, None)).name == "held"
+
+        def wraps():
+            try:
+                copy.update({}, None)
+            except ValueError as exc:
+                raise RuntimeError("wrapped") from exc
+
+        assert plugins.failed_plugin(raised(wraps)).name == "seeded"

@@ -8,6 +8,7 @@ from mlxfun.core.stats import StatsCollector
 from mlxfun.core.types import LayerObservation
 from mlxfun_example_plugin.adapter import EXAMPLE_MOE
 from mlxfun_example_plugin.scorer import TokenShare
+from mlxfun_example_plugin.selector import ExampleBottom
 
 # A tiny example_moe model: its blocks are Qwen3-MoE's, so mlx-lm's qwen3_moe module builds it.
 TINY = dict(
@@ -60,3 +61,25 @@ def test_token_shares_of_a_real_forward_sum_to_top_k():
         model(tokens)
     collector.update(observer.observations())
     np.testing.assert_allclose(collector.scores()["token_share"].sum(axis=1), [2.0, 2.0])
+
+
+class TestExampleBottomConformance(testing.PluginConformance):
+    plugin_kind = "selector"
+    plugin_object = ExampleBottom()
+
+
+def test_example_bottom_removes_targets_then_the_lowest():
+    scores = np.array([[0.5, 0.1, 0.9, 0.3, 0.2, 0.8], [0.4, 0.4, 0.1, 0.7, 0.6, 0.0]])
+    selection = ExampleBottom().select(
+        scores,
+        top_k=[2, 2],
+        min_keep=[2, 2],
+        num_experts=[6, 5],  # layer 1 has 5 experts: the last column is not one of its
+        protect={0: [1]},
+        target={1: [3]},
+        layer_indices=[1, 2],
+        n=2,
+    )
+    assert selection.removed == {0: [3, 4], 1: [2, 3]}
+    assert selection.keep == {0: [0, 1, 2, 5], 1: [0, 1, 4]}
+    assert selection.num_experts == [6, 5]
