@@ -1,13 +1,16 @@
 """Start-up time of ``mlxfun --help`` and ``mlxfun plugins``, and which heavy libraries they import.
 
-    python benchmarks/cli_startup.py [--runs 7] [--json]
+    python benchmarks/cli_startup.py [--runs 9] [--json]
 
 Each command runs ``--runs`` times in a fresh subprocess (the installed ``mlxfun`` console
-script, as a user runs it); the figure is the median wall time. A second subprocess runs the
-same commands through ``mlxfun.cli.app.main`` and reports whether mlx, mlx_lm, scipy or
-transformers ended up in ``sys.modules``; if one did, ``python -X importtime`` names the import
-chain that brought it in. Target: median < 0.5 s, and no mlx import. MLXFUN_* variables of the
-calling shell are not passed on.
+script, as a user runs it), interleaved with two baselines, ``python -c pass`` and ``python -c
+"import typer"``, so that load on a shared machine hits all alike; the figures are median wall
+and CPU (user + system) times, the ratios of the medians to the baselines, and the load average
+before and after. A second subprocess runs the same commands through ``mlxfun.cli.app.main``
+and reports whether numpy, mlx, mlx_lm, scipy or transformers ended up in ``sys.modules``; if one
+did, ``python -X importtime`` names the import chain that brought it in. Target: median < 0.5 s,
+and no mlx import. MLXFUN_* variables and PYTHONDONTWRITEBYTECODE of the calling shell are
+not passed on (see ``clean_env``).
 """
 
 import argparse
@@ -21,13 +24,22 @@ import sysconfig
 import time
 from pathlib import Path
 
-HEAVY = ("mlx", "mlx_lm", "scipy", "transformers")
+HEAVY = ("numpy", "mlx", "mlx_lm", "scipy", "transformers")
 TARGET_S = 0.5
 COMMANDS = {"mlxfun --help": ["--help"], "mlxfun plugins": ["plugins"]}
+BASELINES = {"python -c pass": "pass", "python -c 'import typer'": "import typer"}
 
 
 def clean_env() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith("MLXFUN_")}
+    """This environment without MLXFUN_* settings and without PYTHONDONTWRITEBYTECODE: an
+    installed package has its bytecode compiled, but an editable (development) install only
+    gets it when Python may write it; without it every run compiles mlxfun's modules again
+    (~0.04 s of CPU for ``mlxfun prune``)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MLXFUN_") and k != "PYTHONDONTWRITEBYTECODE"
+    }
 
 
 def mlxfun_command() -> list[str]:
@@ -38,14 +50,27 @@ def mlxfun_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "mlxfun.cli"]
 
 
-def wall_times(command: list[str], runs: int) -> list[float]:
-    times = []
+def timed(command: list[str]) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds)`` of ``command`` in a fresh child process."""
+    start = time.perf_counter()
+    child = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env()
+    )
+    errors = child.stderr.read().decode(errors="replace")
+    _, status, usage = os.wait4(child.pid, 0)
+    elapsed = time.perf_counter() - start
+    child.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{errors}")
+    return elapsed, usage.ru_utime + usage.ru_stime
+
+
+def interleaved_times(commands: dict[str, list[str]], runs: int) -> dict[str, list[tuple]]:
+    """Every command once per round, ``runs`` rounds: load changes hit them all alike."""
+    times = {label: [] for label in commands}
     for _ in range(runs):
-        start = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True, env=clean_env())
-        times.append(time.perf_counter() - start)
-        if result.returncode != 0:
-            raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr}")
+        for label, command in commands.items():
+            times[label].append(timed(command))
     return times
 
 
@@ -104,39 +129,64 @@ def import_chain(argv: list[str], module: str) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     options = parser.parse_args()
 
     command = mlxfun_command()
-    wall_times(command + ["--help"], 1)  # warm the file cache and bytecode
+    commands = {label: command + argv for label, argv in COMMANDS.items()}
+    commands.update({label: [sys.executable, "-c", code] for label, code in BASELINES.items()})
+    interleaved_times(commands, 1)  # warm the file cache and bytecode
+    load_before = os.getloadavg()
+    times = interleaved_times(commands, options.runs)
+    load_after = os.getloadavg()
+    medians = {
+        label: (statistics.median(t[0] for t in runs), statistics.median(t[1] for t in runs))
+        for label, runs in times.items()
+    }
+    baselines = {label: medians[label][0] for label in BASELINES}
     results = []
-    for label, argv in COMMANDS.items():
-        times = wall_times(command + argv, options.runs)
-        heavy = heavy_imports(argv)
-        results.append(
-            {
-                "command": label,
-                "median_s": round(statistics.median(times), 3),
-                "min_s": round(min(times), 3),
-                "max_s": round(max(times), 3),
-                "runs": options.runs,
-                "heavy_imports": heavy,
-                "import_chains": {m: import_chain(argv, m) for m in heavy},
-            }
-        )
-    ok = all(r["median_s"] < TARGET_S and "mlx" not in r["heavy_imports"] for r in results)
+    for label, runs in times.items():
+        walls = [t[0] for t in runs]
+        result = {
+            "command": label,
+            "median_s": round(medians[label][0], 3),
+            "min_s": round(min(walls), 3),
+            "max_s": round(max(walls), 3),
+            "median_cpu_s": round(medians[label][1], 3),
+            "runs": options.runs,
+            "ratio_to": {b: round(medians[label][0] / s, 2) for b, s in baselines.items()},
+        }
+        if label in COMMANDS:
+            heavy = heavy_imports(COMMANDS[label])
+            result["heavy_imports"] = heavy
+            result["import_chains"] = {m: import_chain(COMMANDS[label], m) for m in heavy}
+        results.append(result)
+    checked = [r for r in results if r["command"] in COMMANDS]
+    ok = all(r["median_s"] < TARGET_S and "mlx" not in r["heavy_imports"] for r in checked)
+    load = {
+        "before": [round(x, 2) for x in load_before],
+        "after": [round(x, 2) for x in load_after],
+    }
+    cores = os.cpu_count()
     if options.json:
-        print(json.dumps({"results": results, "target_s": TARGET_S, "ok": ok}, indent=2))
+        summary = {"results": results, "target_s": TARGET_S, "ok": ok, "load": load, "cores": cores}
+        print(json.dumps(summary, indent=2))
         return 0 if ok else 1
-    print(f"{' '.join(command)}  ({options.runs} runs each, fresh subprocesses)")
+    print(f"{' '.join(command)}  ({options.runs} interleaved runs each, fresh subprocesses)")
+    print(
+        f"load average (1, 5, 15 min) before {load['before']}, after {load['after']}; {cores} cores"
+    )
+    names = list(BASELINES)
     for r in results:
-        heavy = ", ".join(r["heavy_imports"]) or "none"
+        ratios = ", ".join(f"{r['ratio_to'][b]:.2f}x {b}" for b in names if b != r["command"])
         print(
-            f"{r['command']:16} median {r['median_s']:.3f} s  (min {r['min_s']:.3f}, "
-            f"max {r['max_s']:.3f})  heavy imports: {heavy}"
+            f"{r['command']:26} median {r['median_s']:.3f} s (min {r['min_s']:.3f}, max "
+            f"{r['max_s']:.3f}), CPU {r['median_cpu_s']:.3f} s; {ratios}"
         )
-        for module, chain in r["import_chains"].items():
+        if "heavy_imports" in r:
+            print(f"{'':26} heavy imports: {', '.join(r['heavy_imports']) or 'none'}")
+        for module, chain in r.get("import_chains", {}).items():
             print(f"    {module} imported via: {' -> '.join(chain) or '?'}")
     verdict = "OK" if ok else "NOT OK"
     print(f"target: median < {TARGET_S} s and mlx not imported: {verdict}")

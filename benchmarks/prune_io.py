@@ -1,20 +1,27 @@
-"""Wall time and peak memory of ``mlxfun prune`` on a >= 1 GB multi-shard checkpoint.
+"""Wall time and peak memory of ``mlxfun prune`` against ``cp -r`` on multi-shard checkpoints of
+two sizes, separating the fixed start-up from the cost per byte.
 
-    python benchmarks/prune_io.py [--size-gb 1.2] [--shards 4] [--repeats 3] [--dir DIR] [--keep]
+    python benchmarks/prune_io.py [--sizes-gb 1.25,2.5] [--shard-gb 0.5] [--repeats 4] \
+        [--dir DIR] [--keep]
 
-Builds a synthetic float16 qwen3_moe mlx-lm model directory (config.json, shards
-model-0000X-of-0000N.safetensors, model.safetensors.index.json, the demo model's tokenizer)
-shard by shard from the lazily initialised mlx-lm model, so the model is never whole in memory,
-and a stats file for it through the library (``model_fingerprint`` + ``save_stats``), in a
-spawned child. Then, in one run, it alternates ``cp -r`` of the directory, ``mlxfun prune``
-(a quarter of the experts of every layer) and ``mlxfun prune --dry-run`` (start-up and
-planning, no writing), each in a fresh subprocess, and reports wall and CPU times and peak
-resident memory (``wait4``).
+For each size it builds a synthetic float16 qwen3_moe mlx-lm model directory (config.json,
+shards model-0000X-of-0000N.safetensors of about ``--shard-gb`` each,
+model.safetensors.index.json, the demo model's tokenizer) shard by shard from the lazily
+initialised mlx-lm model, so the model is never whole in memory, and a stats file for it through
+the library (``model_fingerprint`` + ``save_stats``), in a spawned child. Then it runs ``cp -r``
+of the directory, ``mlxfun prune`` (a quarter of the experts of every layer) and ``mlxfun prune
+--dry-run`` (start-up and planning, no writing) ``--repeats`` times, each in a fresh subprocess,
+rotating their order every round so that no command always follows the same one, and reports
+wall and CPU times and peak resident memory (``wait4``).
 
-The checkpoint has just been written, so it sits in the page cache for every round; round 1 is
-a warm-up and the figures are the medians of rounds 2..N (``--repeats 1``: round 1 itself).
-Outputs are deleted and ``sync`` runs between commands, outside the timings.
-Targets: prune time <= 1.5x the copy time; prune peak RSS <= 1.25x the largest shard.
+The checkpoints have just been written, so they sit in the page cache; round 1 is a warm-up and
+the figures are the medians of rounds 2..N (``--repeats 1``: round 1 itself). Outputs are deleted
+and ``sync`` runs between commands, outside the timings. With two sizes or more, ``time = a + b *
+GB`` is fitted to the medians of copy and prune (least squares): ``a`` is the fixed cost, ``b``
+the cost per GB of checkpoint, and the fit gives the ratio for checkpoints of tens of GB.
+The load average before and after is printed: on a shared machine judge the ratios, not the times.
+Targets, on the largest size (at least 2 GB): prune time <= 1.5x the copy time; prune peak RSS
+<= 1.25x the largest shard.
 """
 
 import argparse
@@ -30,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cli_startup import mlxfun_command  # benchmarks/ is on sys.path when run as a script
+from cli_startup import clean_env, mlxfun_command  # benchmarks/ is on sys.path as a script
 
 TIME_TARGET = 1.5
 MEMORY_TARGET = 1.25
@@ -163,7 +170,9 @@ def measure(command: list[str]) -> tuple[float, float, int]:
     child and the floor this leaves is printed with the results."""
     os.sync()  # earlier rounds' dirty pages are flushed outside the timing
     start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env()
+    )
     errors = child.stderr.read().decode(errors="replace")
     _, status, usage = os.wait4(child.pid, 0)
     elapsed = time.perf_counter() - start
@@ -182,8 +191,8 @@ def file_sizes(model_dir: Path) -> tuple[int, int]:
 
 
 def rounds(model_dir: Path, stats: Path, work: Path, remove: int, repeats: int) -> dict:
+    """``{command: [(wall, CPU, peak RSS), ...]}`` over ``repeats`` rounds, the order rotating."""
     copy_out, prune_out = work / "copy", work / "pruned"
-    copy = ["cp", "-r", str(model_dir), str(copy_out)]
     prune = mlxfun_command() + [
         "prune",
         "--model",
@@ -195,14 +204,15 @@ def rounds(model_dir: Path, stats: Path, work: Path, remove: int, repeats: int) 
         "--output",
         str(prune_out),
     ]
-    dry_run = prune[: prune.index("--output")] + ["--dry-run"]
-    results = {"copy": [], "prune": [], "dry-run": []}
+    commands = [
+        ("copy", ["cp", "-r", str(model_dir), str(copy_out)], copy_out),
+        ("prune", prune, prune_out),
+        ("dry-run", prune[: prune.index("--output")] + ["--dry-run"], None),
+    ]
+    results = {label: [] for label, _, _ in commands}
     for number in range(1, repeats + 1):
-        for label, command, output in (
-            ("copy", copy, copy_out),
-            ("prune", prune, prune_out),
-            ("dry-run", dry_run, None),
-        ):
+        shift = (number - 1) % len(commands)
+        for label, command, output in commands[shift:] + commands[:shift]:
             if output is not None:
                 shutil.rmtree(output, ignore_errors=True)
             seconds, cpu, rss = measure(command)
@@ -221,42 +231,67 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def report(results: dict, total: int, largest: int, shards: int, remove: int, experts: int):
+def medians(results: dict) -> dict:
+    """``{command: (wall, CPU)}``: medians over rounds 2..N (round 1 if it is the only one)."""
     counted = slice(1, None) if len(results["copy"]) > 1 else slice(None)
+    return {
+        label: tuple(
+            statistics.median(r[field] for r in results[label][counted]) for field in (0, 1)
+        )
+        for label in ("copy", "prune", "dry-run")
+    }
 
-    def median(label: str, field: int) -> float:
-        return statistics.median(r[field] for r in results[label][counted])
 
-    copy_s, prune_s, fixed_s = median("copy", 0), median("prune", 0), median("dry-run", 0)
-    copy_cpu, prune_cpu, fixed_cpu = median("copy", 1), median("prune", 1), median("dry-run", 1)
+def fit(sizes: list[float], times: list[float]) -> tuple[float, float]:
+    """Least-squares ``(a, b)`` of ``time = a + b * size``."""
+    mean_size, mean_time = statistics.fmean(sizes), statistics.fmean(times)
+    spread = sum((x - mean_size) ** 2 for x in sizes)
+    b = sum((x - mean_size) * (y - mean_time) for x, y in zip(sizes, times)) / spread
+    return mean_time - b * mean_size, b
+
+
+def report_size(run: dict) -> tuple[float, float]:
+    """Print one checkpoint's figures; returns ``(time ratio, memory ratio)``."""
+    m, results = run["medians"], run["results"]
+    copy_s, prune_s, fixed_s = m["copy"][0], m["prune"][0], m["dry-run"][0]
     prune_rss = max(r[2] for r in results["prune"])
-    time_ratio, memory_ratio = prune_s / copy_s, prune_rss / largest
-    rounds_used = "round 1" if counted.start is None else f"rounds 2..{len(results['copy'])}"
-    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    time_ratio, memory_ratio = prune_s / copy_s, prune_rss / run["largest"]
+    rounds_used = "round 1" if len(results["copy"]) == 1 else f"rounds 2..{len(results['copy'])}"
     print(
-        f"checkpoint    : {total / GB:.2f} GB in {shards} shards, largest {largest / MIB:.1f} MiB"
+        f"checkpoint {run['total'] / GB:.2f} GB in {run['shards']} shards (largest "
+        f"{run['largest'] / MIB:.1f} MiB); prune removes {run['remove']} of {run['experts']} "
+        f"experts per layer, output {results['pruned_bytes'] / GB:.2f} GB; median of {rounds_used}"
+    )
+    for label, name in (("copy", "cp -r"), ("prune", "mlxfun prune"), ("dry-run", "--dry-run")):
+        print(f"  {name:13}: {m[label][0]:7.2f} s wall, {m[label][1]:6.2f} s CPU")
+    print(
+        f"  time ratio prune/copy {time_ratio:.2f} (CPU {m['prune'][1] / m['copy'][1]:.2f}); "
+        f"writing only, (prune - dry-run)/copy {(prune_s - fixed_s) / copy_s:.2f}"
     )
     print(
-        f"prune         : {remove} of {experts} experts per layer; output "
-        f"{results['pruned_bytes'] / GB:.2f} GB"
+        f"  peak RSS prune / largest shard: {prune_rss / MIB:.1f} / {run['largest'] / MIB:.1f} MiB "
+        f"= {memory_ratio:.2f}"
     )
-    print(f"timing        : warm page cache, median of {rounds_used} (round 1 is a warm-up)")
-    print(f"copy (cp -r)  : {copy_s:7.2f} s wall, {copy_cpu:6.2f} s CPU")
-    print(f"mlxfun prune  : {prune_s:7.2f} s wall, {prune_cpu:6.2f} s CPU")
-    print(
-        f"  --dry-run   : {fixed_s:7.2f} s wall, {fixed_cpu:6.2f} s CPU (start-up and planning only)"
-    )
-    print(
-        f"time ratio prune/copy: {time_ratio:.2f}  (target <= {TIME_TARGET}) "
-        f"{verdict(time_ratio <= TIME_TARGET)}"
-    )
-    print(f"  writing only, (prune - dry-run)/copy: {(prune_s - fixed_s) / copy_s:.2f}")
-    print(
-        f"peak RSS prune / largest shard: {prune_rss / MIB:.1f} MiB / {largest / MIB:.1f} MiB "
-        f"= {memory_ratio:.2f}  (target <= {MEMORY_TARGET}) {verdict(memory_ratio <= MEMORY_TARGET)}"
-        f"  [floor inherited from this script: {floor / MIB:.1f} MiB]"
-    )
-    return time_ratio <= TIME_TARGET and memory_ratio <= MEMORY_TARGET
+    return time_ratio, memory_ratio
+
+
+def report_fit(runs: list[dict]) -> None:
+    sizes = [run["total"] / GB for run in runs]
+    print("fit time = a + b * GB over the sizes (medians):")
+    fits = {}
+    for label, name in (("copy", "cp -r"), ("prune", "mlxfun prune")):
+        for field, kind in ((0, "wall"), (1, "CPU")):
+            a, b = fit(sizes, [run["medians"][label][field] for run in runs])
+            fits[label, field] = (a, b)
+            print(f"  {name:13} {kind:4}: a = {a:6.2f} s, b = {b:5.3f} s/GB")
+    dry = statistics.fmean(run["medians"]["dry-run"][0] for run in runs)
+    print(f"  --dry-run wall (the fixed cost measured directly): {dry:.2f} s")
+    (a_copy, b_copy), (a_prune, b_prune) = fits["copy", 0], fits["prune", 0]
+    if b_copy > 0:
+        print(f"  per byte, prune/copy (wall): {b_prune / b_copy:.2f}")
+        for size in (10, 50):
+            ratio = (a_prune + b_prune * size) / (a_copy + b_copy * size)
+            print(f"  ratio prune/copy the fit gives for {size} GB: {ratio:.2f}")
 
 
 def build(model_dir: Path, stats: Path, size_bytes: float, shards: int) -> None:
@@ -266,9 +301,8 @@ def build(model_dir: Path, stats: Path, size_bytes: float, shards: int) -> None:
     write_stats(model_dir, stats)
 
 
-def ensure_checkpoint(work: Path, size_bytes: float, shards: int) -> dict:
-    """Build the checkpoint in ``work`` unless a kept one is there; returns its config."""
-    model_dir, stats = work / "model", work / "stats.npz"
+def ensure_checkpoint(model_dir: Path, stats: Path, size_bytes: float, shards: int) -> dict:
+    """Build the checkpoint unless a kept one is there; returns its config."""
     if (model_dir / "config.json").is_file() and stats.is_file():
         print(f"reusing {model_dir}")
     else:
@@ -285,39 +319,101 @@ def ensure_checkpoint(work: Path, size_bytes: float, shards: int) -> dict:
     return json.loads((model_dir / "config.json").read_text())
 
 
+def check_room(work: Path, sizes: list[float]) -> None:
+    """The checkpoints, a copy and a pruned output of the largest must fit (10% spare)."""
+    needed = 1.1 * (sum(sizes) + 2 * max(sizes))
+    free = shutil.disk_usage(work).free
+    if free < needed:
+        raise SystemExit(
+            f"{work} has {free / GB:.1f} GB free; this run needs about {needed / GB:.1f} GB "
+            "(the checkpoints, a copy and a pruned output): use --dir or smaller --sizes-gb"
+        )
+
+
+def measure_size(work: Path, size_bytes: float, shard_bytes: float, repeats: int) -> dict:
+    label = f"{size_bytes / GB:g}gb"
+    model_dir, stats = work / f"model-{label}", work / f"stats-{label}.npz"
+    shards = max(1, round(size_bytes / shard_bytes))
+    config = ensure_checkpoint(model_dir, stats, size_bytes, shards)
+    experts, layers = config["num_experts"], config["num_hidden_layers"]
+    total, largest = file_sizes(model_dir)
+    remove = experts // 4
+    print(
+        f"{total / GB:.2f} GB: qwen3_moe float16, {layers} layers x {experts} experts, "
+        f"{len(list(model_dir.glob('*.safetensors')))} shards"
+    )
+    results = rounds(model_dir, stats, work, remove, repeats)
+    return {
+        "total": total,
+        "largest": largest,
+        "shards": len(list(model_dir.glob("*.safetensors"))),
+        "remove": remove,
+        "experts": experts,
+        "results": results,
+        "medians": medians(results),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size-gb", type=float, default=1.2, help="checkpoint size (1e9 bytes)")
-    parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3, help="copy/prune rounds (first: warm-up)")
+    parser.add_argument(
+        "--sizes-gb",
+        default="1.25,2.5",
+        help="checkpoint sizes, comma-separated (1e9 bytes); the largest is checked against "
+        "the targets",
+    )
+    parser.add_argument("--shard-gb", type=float, default=0.5, help="about this much per shard")
+    parser.add_argument("--repeats", type=int, default=4, help="rounds per size (first: warm-up)")
     parser.add_argument(
         "--dir",
         type=Path,
-        help="work directory (default: a new one under /tmp); a checkpoint "
-        "kept there by --keep is reused",
+        help="work directory (default: a new one under /tmp); checkpoints kept there by --keep "
+        "are reused",
     )
-    parser.add_argument("--keep", action="store_true", help="keep the checkpoint and stats file")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints and stats files")
     options = parser.parse_args()
+    sizes = sorted(float(x) * GB for x in options.sizes_gb.split(","))
 
     work = options.dir or Path(tempfile.mkdtemp(prefix="mlxfun-prune-io-"))
     work.mkdir(parents=True, exist_ok=True)
+    runs = []
     try:
-        config = ensure_checkpoint(work, options.size_gb * GB, options.shards)
-        experts, layers = config["num_experts"], config["num_hidden_layers"]
-        total, largest = file_sizes(work / "model")
-        print(f"model         : qwen3_moe float16, {layers} layers x {experts} experts")
-        remove = experts // 4
-        results = rounds(work / "model", work / "stats.npz", work, remove, max(1, options.repeats))
-        shards = len(list((work / "model").glob("*.safetensors")))
-        ok = report(results, total, largest, shards, remove, experts)
+        check_room(work, sizes)
+        load_before = os.getloadavg()
+        for size in sizes:
+            runs.append(measure_size(work, size, options.shard_gb * GB, max(1, options.repeats)))
+        load_after = os.getloadavg()
+        print()
+        print(
+            f"load average (1, 5, 15 min): before {[round(x, 2) for x in load_before]}, after "
+            f"{[round(x, 2) for x in load_after]}; {os.cpu_count()} cores; timings on a warm "
+            "page cache"
+        )
+        ratios = [report_size(run) for run in runs]
+        if len(runs) > 1:
+            report_fit(runs)
+        floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(f"peak RSS floor inherited from this script: {floor / MIB:.1f} MiB")
+        time_ratio, memory_ratio = ratios[-1]
+        big_enough = runs[-1]["total"] >= 2 * GB
+        print(
+            f"targets on the {runs[-1]['total'] / GB:.2f} GB checkpoint"
+            f"{'' if big_enough else ' (under 2 GB: start-up weighs more than for real models)'}: "
+            f"time prune/copy {time_ratio:.2f} <= {TIME_TARGET} "
+            f"{verdict(time_ratio <= TIME_TARGET)}; peak RSS / largest shard {memory_ratio:.2f} "
+            f"<= {MEMORY_TARGET} {verdict(memory_ratio <= MEMORY_TARGET)}"
+        )
+        ok = time_ratio <= TIME_TARGET and memory_ratio <= MEMORY_TARGET
     finally:
         if options.keep:
             print(f"kept {work}")
         elif options.dir:
-            shutil.rmtree(work / "model", ignore_errors=True)
-            (work / "stats.npz").unlink(missing_ok=True)
+            for size in sizes:
+                label = f"{size / GB:g}gb"
+                shutil.rmtree(work / f"model-{label}", ignore_errors=True)
+                (work / f"stats-{label}.npz").unlink(missing_ok=True)
         else:
             shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1

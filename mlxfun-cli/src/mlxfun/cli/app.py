@@ -62,6 +62,27 @@ def build_app() -> typer.Typer:
     return app
 
 
+def _click_exception() -> type:
+    """The ``ClickException`` of the Click that Typer runs on: the ``click`` package up to
+    Typer 0.25, Typer's own copy (``typer._click``) since 0.26. Found from Typer's public
+    ``BadParameter`` rather than named, so any Typer in mlxfun-cli's range is handled."""
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _exit_code(exc: Exception) -> int | None:
+    """The exit status for Typer's (Click's) own exceptions, after printing what they say: a
+    usage error shows the usage line and the error (status 2). ``None`` for anything else."""
+    if isinstance(exc, typer.Exit):
+        return exc.exit_code
+    if isinstance(exc, _click_exception()):
+        exc.show()
+        return exc.exit_code
+    if isinstance(exc, typer.Abort):
+        print("aborted", file=sys.stderr)
+        return 1
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         app = build_app()  # loads plugins: strict mode may raise here
@@ -74,18 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            return exc.exit_code
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            print("aborted", file=sys.stderr)
-            return 1
-        raise
+    except Exception as exc:  # usage errors and the like
+        code = _exit_code(exc)
+        if code is None:
+            raise
+        return code
     return 0
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from .config import read_config
 from .errors import MlxfunError
+from .model_files import model_classes
+from .slicing import check_weights, check_weights_mlx
 
 
 def _needs_float32(model) -> bool:
@@ -55,17 +57,6 @@ def to_runnable_dtype(model) -> bool:
     return True
 
 
-def model_classes(model_dir, config: dict) -> tuple[type, type]:
-    """``(Model, ModelArgs)`` that build ``config``: for a ``model_file`` mlxfun wrote, from the
-    installed code it stands for (``model_files``; any other ``model_file`` is refused), else
-    the installed adapter's ``model_module`` or mlx-lm's module (``architectures``)."""
-    from . import architectures, model_files
-
-    if config.get("model_file") is not None:
-        return model_files.model_file_classes(model_dir, config)
-    return architectures.model_classes(config)
-
-
 def load_mlx_model(model_dir, lazy: bool = False):
     """``(model, config)`` as ``mlx_lm.utils.load_model`` builds them, with the classes of
     ``model_classes`` as its ``get_model_classes`` (never running a ``model_file`` from disk);
@@ -80,8 +71,12 @@ def load_mlx_model(model_dir, lazy: bool = False):
         # mlx-lm imports config["model_file"] whenever it is set: hide it so that it asks
         # get_model_classes, which answers with installed code.
         options["model_config"] = {"model_file": None}
+    check_weights(model_dir)
     try:
         return mlx_load_model(model_dir, lazy=lazy, **options)
+    except RuntimeError:
+        check_weights_mlx(model_dir)  # names the file mlx cannot read
+        raise
     except OSError as exc:
         if not any(model_dir.glob("model*.safetensors")):
             raise MlxfunError(

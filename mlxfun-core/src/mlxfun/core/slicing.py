@@ -20,11 +20,14 @@ experts; shared experts and everything else are copied unchanged. Two layouts di
 The shards are rewritten at the byte level: a safetensors file is a JSON header followed by
 the raw row-major bytes of each tensor, so the kept experts of a tensor are contiguous byte
 ranges that are copied straight from the input file (``os.copy_file_range`` where the system
-has it). Dtypes and quantization stay exactly as they were, and the process holds one copy
-buffer at a time, never a shard or the model. Shards without experts are copied whole.
+has it: the kernel copies, nothing passes through Python). Dtypes and quantization stay exactly
+as they were, and the process holds one 1 MiB copy buffer at most, never a shard or the model.
+Shards without experts are copied whole (``shutil.copyfile``: sendfile on Linux, fcopyfile on
+macOS). Each shard's header is read once.
 """
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -36,29 +39,124 @@ from .adapter import get_path, has_path
 from .errors import MlxfunError
 
 INDEX_FILE = "model.safetensors.index.json"
-_COPY_CHUNK = 8 << 20
+# The buffer of the copy without copy_file_range (macOS, some file systems): one that stays in
+# the CPU cache is copied fastest (on Linux 8 and 64 MiB buffers cost 1.4-2.7x the CPU per byte).
+_COPY_CHUNK = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
 # safetensors headers
 
 
+# An interrupted download or conversion leaves a short or garbled shard; mlx then fails deep
+# inside its loader with a message that names no file.
+CORRUPT_FIX = "re-download the model or convert it again with mlx_lm.convert"
+_MAX_HEADER = 100 << 20  # the safetensors format's own limit
+
+
+def _corrupt(path, problem: str) -> MlxfunError:
+    return MlxfunError(f"{path} {problem}; {CORRUPT_FIX}")
+
+
 def read_header(path) -> tuple[dict, int]:
     """``(header, data_start)``: the JSON header of a safetensors file (``__metadata__``
-    included) and the file offset where the tensor data begins."""
+    included) and the file offset where the tensor data begins. A file too short for its
+    header or for the tensors the header lists, or with a malformed header, is refused."""
     path = Path(path)
-    with path.open("rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise MlxfunError(f"{path} is not a safetensors file (too short)")
-        (size,) = struct.unpack("<Q", raw)
-        if size > 100 << 20:
-            raise MlxfunError(f"{path} is not a safetensors file (header of {size} bytes)")
-        try:
-            header = json.loads(handle.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MlxfunError(f"{path} has an unreadable safetensors header ({exc})") from None
+    try:
+        with path.open("rb") as handle:
+            file_size = os.fstat(handle.fileno()).st_size
+            raw = handle.read(8)
+            if len(raw) != 8:
+                raise _corrupt(path, f"is {file_size} bytes long, too short for safetensors")
+            (size,) = struct.unpack("<Q", raw)
+            if size > _MAX_HEADER:
+                raise _corrupt(path, f"is not a safetensors file (header of {size} bytes)")
+            if 8 + size > file_size:
+                raise _corrupt(
+                    path,
+                    f"is truncated: its header needs {8 + size} bytes, the file has {file_size}",
+                )
+            text = handle.read(size)
+    except OSError as exc:
+        raise MlxfunError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _corrupt(path, f"has an unreadable safetensors header ({exc})") from None
+    _check_layout(path, header, file_size - 8 - size)
     return header, 8 + size
+
+
+# Bytes per element of the safetensors dtypes mlx reads; others (sub-byte formats) are left
+# to mlx to judge.
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4,
+    "U64": 8, "I64": 8, "F64": 8, "C64": 8,
+}  # fmt: skip
+
+
+def _check_layout(path, header, data_size: int) -> None:
+    """Every tensor entry is well formed, holds as many bytes as its shape and dtype say, and
+    lies inside the file."""
+    if not isinstance(header, dict):
+        raise _corrupt(path, "has an unreadable safetensors header (not a JSON object)")
+    end = 0
+    for name, info in tensor_infos(header).items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(x) is int for x in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+            and isinstance(shape, list)
+            and all(type(x) is int and x >= 0 for x in shape)
+            and isinstance(info.get("dtype"), str)
+        ):
+            raise _corrupt(path, f"has an unreadable safetensors header (tensor {name!r})")
+        itemsize = DTYPE_BYTES.get(info["dtype"])
+        if itemsize is not None and math.prod(shape) * itemsize != offsets[1] - offsets[0]:
+            raise _corrupt(
+                path,
+                f"has a corrupt safetensors header: tensor {name!r} of shape {shape} "
+                f"{info['dtype']} spans {offsets[1] - offsets[0]} bytes",
+            )
+        end = max(end, offsets[1])
+    if end > data_size:
+        raise _corrupt(
+            path,
+            f"is truncated: its tensors need {end} bytes of data, the file has {data_size}",
+        )
+
+
+def check_weights(model_dir) -> None:
+    """Refuse a truncated or corrupt ``model*.safetensors`` (what mlx-lm loads) before mlx
+    reads it: each header must parse and place its tensors inside the file."""
+    for path in sorted(Path(model_dir).glob("model*.safetensors")):
+        read_header(path)
+
+
+def load_shard(path) -> dict:
+    """``mx.load`` of one safetensors file (lazy); mlx's error for a file it cannot read,
+    which names no file, becomes a one-line error that does."""
+    import mlx.core as mx
+
+    try:
+        return mx.load(str(path))
+    except RuntimeError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise _corrupt(path, f"cannot be read by mlx ({reason})") from None
+
+
+def check_weights_mlx(model_dir) -> None:
+    """Open every ``model*.safetensors`` with mlx (lazily: it reads only the header) and
+    raise the one-line error of the first it refuses: behind ``check_weights``, for damage
+    only mlx sees (an unsupported dtype, say)."""
+    for path in sorted(Path(model_dir).glob("model*.safetensors")):
+        load_shard(path)
 
 
 def tensor_infos(header: dict) -> dict[str, dict]:
@@ -80,7 +178,10 @@ def checkpoint_shards(model_dir) -> list[str]:
         )
     index = model_dir / INDEX_FILE
     if index.is_file():
-        mapped = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        try:
+            mapped = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise _corrupt(index, f"is not a readable weight index ({exc})") from None
         missing = sorted(mapped - set(shards))
         if missing:
             raise MlxfunError(
@@ -347,19 +448,24 @@ def _copy_range(src, dst, offset: int, length: int) -> None:
     while length > 0:
         got = src.readinto(view[: min(length, len(buffer))])
         if not got:
-            raise MlxfunError(f"{src.name} ended early; the shard is truncated")
+            raise _corrupt(src.name, "ended early while it was copied")
         _write_all(dst, view[:got])
         length -= got
 
 
 def slice_shard(
-    source, destination, keep_by_name: dict[str, list[int]], renames: dict | None = None
+    source,
+    destination,
+    keep_by_name: dict[str, list[int]],
+    renames: dict | None = None,
+    header=None,
 ) -> int:
     """Write ``source`` to ``destination`` with each named tensor cut to the experts in
     ``keep_by_name[name]`` (axis 0) and the tensors in ``renames`` renamed (to ``None``:
-    left out). Returns the bytes of tensor data written."""
+    left out); ``header``: ``read_header(source)`` if the caller has read it already. Returns
+    the bytes of tensor data written."""
     renames = renames or {}
-    header, data_start = read_header(source)
+    header, data_start = read_header(source) if header is None else header
     metadata = header.get("__metadata__")
     entries = sorted(tensor_infos(header).items(), key=lambda kv: kv[1]["data_offsets"][0])
     new_header: dict = {} if metadata is None else {"__metadata__": metadata}
@@ -405,10 +511,12 @@ def slice_checkpoint(source_dir, output_dir, owner: dict[str, LayerPlan], keep) 
     """Write every shard of ``source_dir`` into ``output_dir``, with the tensors in ``owner``
     cut to ``keep[plan.position]``, and a consistent index. Returns byte counts."""
     source_dir, output_dir = Path(source_dir), Path(output_dir)
-    headers = read_headers(source_dir)
+    shards = checkpoint_shards(source_dir)
     before = after = 0
     renames: dict[str, str | None] = {}
-    for shard, infos in headers.items():
+    for shard in shards:
+        header = read_header(source_dir / shard)
+        infos = tensor_infos(header[0])
         cut, moved = {}, {}
         for name in infos:
             plan = owner.get(name)
@@ -422,7 +530,7 @@ def slice_checkpoint(source_dir, output_dir, owner: dict[str, LayerPlan], keep) 
         renames.update(moved)
         before += sum(tensor_bytes(i) for i in infos.values())
         if cut or moved:
-            after += slice_shard(source_dir / shard, output_dir / shard, cut, moved)
+            after += slice_shard(source_dir / shard, output_dir / shard, cut, moved, header=header)
         else:
             shutil.copyfile(source_dir / shard, output_dir / shard)
             after += sum(tensor_bytes(i) for i in infos.values())
@@ -443,7 +551,7 @@ def slice_checkpoint(source_dir, output_dir, owner: dict[str, LayerPlan], keep) 
                 removed += plan.expert_parameters * (plan.num_experts - len(keep[plan.position]))
             metadata["total_parameters"] = int(metadata["total_parameters"]) - removed
         (output_dir / INDEX_FILE).write_text(json.dumps(data, indent=4))
-    return {"bytes_before": before, "bytes_after": after, "shards": len(headers)}
+    return {"bytes_before": before, "bytes_after": after, "shards": len(shards)}
 
 
 def size_after(headers: dict[str, dict], owner: dict[str, LayerPlan], keep) -> tuple[int, int]:
@@ -470,13 +578,13 @@ def size_after(headers: dict[str, dict], owner: dict[str, LayerPlan], keep) -> t
 def model_skeleton(model_dir, config: dict | None = None):
     """The model's module tree built from its config.json, parameters never evaluated
     (so nothing is loaded or allocated), by the classes mlxfun loads it with
-    (``models.model_classes``: a plugin's architecture, mlxfun's non-uniform models rebuilt
+    (``model_files.model_classes``: a plugin's architecture, mlxfun's non-uniform models rebuilt
     from their recorded per-layer expert counts). Returns ``(model, config)``. Imports only
     model modules, never mlx-lm's loaders (and transformers): see ``mlxlm_models``."""
-    from . import mlxlm_models, models
+    from . import mlxlm_models, model_files
 
     config = mlxlm_models.load_config(model_dir) if config is None else config
-    model_class, args_class = models.model_classes(model_dir, config)
+    model_class, args_class = model_files.model_classes(model_dir, config)
     try:
         model = model_class(args_class.from_dict(config))
     except Exception as exc:

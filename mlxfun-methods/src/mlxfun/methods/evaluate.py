@@ -134,6 +134,7 @@ def evaluate(
 
     from mlxfun.core.datasets import load_samples
     from mlxfun.core.models import load_model
+    from mlxfun.core.slicing import check_weights
 
     if not model_dirs:
         raise MlxfunError("pass at least one --model")
@@ -143,6 +144,8 @@ def evaluate(
             "at least 1"
         )
     samples = load_samples(dataset_paths, max_samples=max_samples, seed=seed)
+    for model_dir in model_dirs:  # a damaged later model fails now, not after the others
+        check_weights(model_dir)
     sequences = tokens = None
     reference = None
     rows = []

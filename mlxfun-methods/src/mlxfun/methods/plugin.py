@@ -1,4 +1,5 @@
-"""Registers the built-in methods. Importing this module must not import MLX or SciPy."""
+"""Registers the built-in methods. Importing this module must not import MLX or SciPy, and
+registering them must not import numpy either (``mlxfun plugins`` would take 0.1-0.25 s more)."""
 
 from mlxfun.core.hookspecs import hookimpl
 
@@ -21,8 +22,7 @@ def register_selectors(register):
 
 @hookimpl
 def register_compressors(register):
-    from .prune import COMPRESSORS
-    from .ream import COMPRESSORS as MERGERS
+    from .compressors import COMPRESSORS
 
-    for compressor in (*COMPRESSORS, *MERGERS):
+    for compressor in COMPRESSORS:
         register(compressor)

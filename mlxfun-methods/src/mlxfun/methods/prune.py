@@ -282,20 +282,6 @@ def _copy_other_files(source: Path, destination: Path, skip: set[str]) -> list[s
     return copied
 
 
-@attrs.define(frozen=True)
-class PruneCompressor:
-    name: str = "prune"
-    description: str = (
-        "remove the experts a selector picks from statistics: slice routers, correction biases "
-        "and expert tensors shard by shard; non-uniform results ship a model_file"
-    )
-
-    def compress(self, request) -> dict:
-        if isinstance(request, dict):
-            request = PruneRequest(**request)
-        return prune(request)
-
-
 @attrs.define
 class PrunePlan:
     """What ``plan_prune`` decided: the keep map and everything needed to write it."""
@@ -330,6 +316,7 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
     min_keep = _min_keep(request, adapter, plans, groups, topk_group)
     selection = _select(request, selector, scores, plans, groups, min_keep)
     headers = slicing.read_headers(source)
+    slicing.check_weights_mlx(source)  # what the output's users will load it with
     owner = slicing.assign_tensors(plans, headers)
     new_config, model_files = _pruned_config(config, adapter, plans, selection, request)
     summary = _summary(request, adapter, scores, plans, selection, groups, headers, owner)
@@ -617,6 +604,3 @@ def prune(request: PruneRequest) -> dict:
         written = write_pruned(plan, tmp)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(plan.provenance, indent=2) + "\n")
     return finish_summary(plan.summary, written)
-
-
-COMPRESSORS = [PruneCompressor()]

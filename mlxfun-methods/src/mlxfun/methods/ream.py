@@ -81,20 +81,6 @@ class MergeRequest(PruneRequest):
         return PruneRequest(**{f.name: getattr(self, f.name) for f in attrs.fields(PruneRequest)})
 
 
-@attrs.define(frozen=True)
-class ReamCompressor:
-    name: str = "ream"
-    description: str = (
-        "REAM: merge every expert into the experts a selector keeps (output + router "
-        "similarity, neuron alignment, saliency-weighted average); needs SciPy"
-    )
-
-    def compress(self, request) -> dict:
-        if isinstance(request, dict):
-            request = MergeRequest(**request)
-        return merge(request)
-
-
 # ---------------------------------------------------------------------------------------------
 # Similarity and grouping (numpy)
 
@@ -296,7 +282,7 @@ def _check_elementwise(kind: str, activation, neurons: int) -> None:
 
 def _source_tensors(source: Path, headers: dict, names) -> dict:
     """Named tensors of the source checkpoint (mx arrays; ``mx.load`` reads lazily)."""
-    import mlx.core as mx
+    from mlxfun.core.slicing import load_shard
 
     where = {name: shard for shard, infos in headers.items() for name in infos}
     loaded: dict = {}
@@ -304,7 +290,7 @@ def _source_tensors(source: Path, headers: dict, names) -> dict:
     for name in names:
         shard = where[name]
         if shard not in loaded:
-            loaded[shard] = mx.load(str(source / shard))
+            loaded[shard] = load_shard(source / shard)
         result[name] = loaded[shard][name]
     return result
 
@@ -782,6 +768,3 @@ def _apply(model, experts, plan_layer, keep, merged: dict, directory: Path, head
         current[index] = value.astype(current.dtype)
         module[param] = current
     mx.eval(experts.parameters())
-
-
-COMPRESSORS = [ReamCompressor()]
