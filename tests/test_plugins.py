@@ -19,16 +19,20 @@ import mlx.core as mx
 import numpy as np
 import pluggy
 import pytest
+from mlx_lm.utils import load as mlx_lm_load
 from mlxfun.cli.app import main
 from mlxfun.core import plugins, testing
 from mlxfun.core.errors import MlxfunError
 from mlxfun.core.hookspecs import hookimpl
+from mlxfun.core.models import load_model
 from mlxfun.core.observe import Observer
 from mlxfun.core.stats import StatsCollector, load_stats
+from mlxfun.methods.prune import PruneRequest, prune
 
 from .adapters.harness import build_tiny
 from .adapters.test_examples import MIXTRAL, QWEN3_MOE
 from .model_dirs import write_model_dir
+from .test_prune import TOKENS, pruned_matches_masked, write_stats
 
 EXAMPLE = {
     ("adapter", "example_moe"): "example_moe (example plugin): softmax over all experts, top-k, "
@@ -383,3 +387,97 @@ def test_docs_show_the_example_plugin_in_full(path):
     assert f"`{path}`:\n\n```" in guide and f"\n{source}\n```" in guide, (
         f"docs/plugins.md does not show {path} as it is; paste the current file"
     )
+
+
+# ----- a checkpoint of the example plugin's own architecture (example_moe.py)
+
+
+def mlxfun_load(path):
+    model, tokenizer, _ = load_model(path)
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("model_file", [False, True], ids=["", "model-file"])
+@pytest.mark.parametrize("selector,n", [("bottom", 2), ("model-wide", 5)])
+def test_example_moe_prunes_exactly(tmp_path, selector, n, model_file):
+    """Pruned example_moe logits equal the original's with the removed experts masked out of
+    routing (tests/test_prune.py's oracle), both loaded from disk by mlxfun."""
+    source = testing.save_tiny_checkpoint(tmp_path / "model", "example_moe", seed=4)
+    stats = write_stats(source, tmp_path / "stats.npz")
+    output = tmp_path / "pruned"
+    request = PruneRequest(
+        model=source, stats=stats, output=output, selector=selector, n=n, model_file=model_file
+    )
+    summary = prune(request)
+    assert summary["uniform"] == (selector == "bottom")
+    assert summary["model_file"] == (
+        "example_moe.py" if model_file and summary["uniform"] else
+        None if summary["uniform"] else "mlxfun_nonuniform.py"
+    )  # fmt: skip
+    assert (output / "example_moe.py").exists() == model_file
+    provenance = pruned_matches_masked(
+        source, output, plugins.get_adapter("example_moe"), load=mlxfun_load
+    )
+    assert provenance["experts_after"] != provenance["experts_before"]
+    assert type(mlxfun_load(output)[0]).__module__ in (
+        "mlxfun_example_plugin.example_moe",
+        "mlxfun_nonuniform_model",
+    )
+
+
+def test_example_moe_merges_and_model_file_loads_in_stock_mlx_lm(tmp_path, capsys):
+    source = testing.save_tiny_checkpoint(tmp_path / "model", "example_moe", seed=4)
+    stats = write_stats(source, tmp_path / "stats.npz")
+    dataset = tmp_path / "calib.txt"
+    dataset.write_text("Experts are merged into the kept ones, weighted by saliency.\n" * 8)
+    output = tmp_path / "merged"
+    args = ["merge", "--model", source, "--stats", stats, "--dataset", dataset, "--n", "2"]
+    assert main([*map(str, args), "--model-file", "-o", str(output)]) == 0
+    assert "model_file example_moe.py: a copy of the plugin's model module" in (
+        capsys.readouterr().out
+    )
+    ours, _ = mlxfun_load(output)
+    stock, _ = mlx_lm_load(str(output), trust_remote_code=True)
+    assert type(stock).__module__ == "custom_model"
+    assert [layer.mlp.gate.weight.shape[0] for layer in ours.layers] == [6, 6]
+    np.testing.assert_array_equal(np.array(stock(TOKENS)), np.array(ours(TOKENS)))
+
+
+def test_model_file_is_refused_for_mlx_lm_architectures(tmp_path, capsys):
+    source = write_model_dir(tmp_path / "qwen", "qwen3_moe", QWEN3_MOE)
+    stats = write_stats(source, tmp_path / "stats.npz")
+    args = ["prune", "--model", source, "--stats", stats, "--n", "2", "--model-file", "-o"]
+    assert main([*map(str, args), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --model-file copies a plugin's model module, and model type")
+    assert not (tmp_path / "out").exists()
+
+
+# transformers reads config.json while loading the tokenizer, and warns that it does not know
+# the model type; mlxfun's loader drops exactly that warning, stock mlx-lm's does not.
+LOAD_TWICE = """
+import sys
+from mlxfun.core.models import load_model
+load_model(sys.argv[1])
+print("--- stock", file=sys.stderr, flush=True)
+from mlx_lm.utils import load_tokenizer
+from pathlib import Path
+load_tokenizer(Path(sys.argv[1]))
+"""
+
+
+def test_loading_a_plugin_architecture_prints_no_transformers_warning(tmp_path):
+    model = testing.save_tiny_checkpoint(tmp_path / "model", "example_moe")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXFUN_")}
+    env["MLXFUN_LOAD_PLUGINS"] = "mlxfun-adapters,mlxfun-methods,mlxfun-example-plugin"
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_TWICE, str(model)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    ours, stock = result.stderr.split("--- stock\n")
+    assert ours == ""
+    assert "You are using a model of type `example_moe`" in stock  # what was dropped

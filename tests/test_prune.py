@@ -169,9 +169,15 @@ def exclude(model, adapter, removed):
     return hooks
 
 
-def pruned_matches_masked(source, output, adapter, trust=False, atol=1e-4):
-    original, _ = mlx_lm_load(str(source), trust_remote_code=trust)
-    pruned, _ = mlx_lm_load(str(output), trust_remote_code=trust)
+def pruned_matches_masked(source, output, adapter, trust=False, atol=1e-4, load=None):
+    """``load(path) -> (model, tokenizer)`` loads both models (default: stock mlx-lm)."""
+    if load is None:
+
+        def load(path):
+            return mlx_lm_load(str(path), trust_remote_code=trust)
+
+    original, _ = load(source)
+    pruned, _ = load(output)
     provenance = json.loads((Path(output) / "mlxfun.json").read_text())
     positions = {int(i): p for p, i in enumerate(provenance["moe_layers"])}
     removed = {positions[int(k)]: v for k, v in provenance["removed"].items()}

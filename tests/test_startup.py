@@ -65,24 +65,29 @@ def test_registering_every_plugin_imports_neither_mlx_nor_numpy():
     assert imported_after(code) == []
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "example_moe"])
 @pytest.mark.parametrize("selector", ["bottom", "model-wide"])
-def test_prune_does_not_import_transformers(tmp_path, selector):
+def test_prune_does_not_import_transformers(tmp_path, selector, model_type):
+    """Also for a plugin's architecture (the example plugin's example_moe.py, copied into the
+    output by --model-file): its model module is imported without mlx-lm's loaders too."""
+    from mlxfun.core.testing import save_tiny_checkpoint
+
     from .adapters.test_examples import QWEN3_MOE
-    from .model_dirs import write_model_dir
     from .test_prune import write_stats
 
-    model = write_model_dir(tmp_path / "m", "qwen3_moe", QWEN3_MOE)
+    model = save_tiny_checkpoint(tmp_path / "m", model_type, QWEN3_MOE)
     stats = write_stats(model, tmp_path / "s.npz")
     out = tmp_path / "out"
     # model-wide removes 3 experts of 2 layers' experts: the counts differ (non-uniform output)
     argv = ["prune", "--model", str(model), "--stats", str(stats), "--n", "3", "-o", str(out)]
+    argv += ["--model-file"] if model_type == "example_moe" else []
     heavy = imported_after(cli([*argv, "--selector", selector]))
     assert "transformers" not in heavy and "mlx_lm" not in heavy, heavy
     assert (out / "config.json").is_file()
     assert ("model_file" in json.loads((out / "config.json").read_text())) == (
-        selector == "model-wide"
+        selector == "model-wide" or model_type == "example_moe"
     )
-    # the (non-uniform) output is itself pruned without transformers
+    # the output is itself pruned without transformers
     stats = write_stats(out, tmp_path / "s2.npz")
     argv = ["prune", "--model", str(out), "--stats", str(stats), "--n", "1", "--dry-run"]
     heavy = imported_after(cli(argv))

@@ -21,9 +21,8 @@ def register(app: typer.Typer) -> None:
             print_json(report)
             return
         print(f"model:        {model}")
-        print(
-            f"architecture: {report['model_type']} (adapter {report['adapter']}: {report['router_family']})"
-        )
+        family = f": {report['router_family']}" if report["router_family"] else ""
+        print(f"architecture: {report['model_type']} (adapter {report['adapter']}{family})")
         print(f"MoE layers:   {len(report['layers'])} of {report['num_layers']}")
         if report["shared_experts"]:
             print(f"shared:       {', '.join(report['shared_experts'])}")

@@ -34,6 +34,16 @@ def copied_module(config: dict) -> str | None:
     return recorded.get(MODULE_KEY) if isinstance(recorded, dict) else None
 
 
+def model_classes(model_dir, config: dict) -> tuple[type, type]:
+    """``(Model, ModelArgs)`` that build ``config``, what every mlxfun load uses: for a
+    ``model_file`` mlxfun wrote, from the installed code it stands for
+    (``model_file_classes``; any other ``model_file`` is refused), else the installed adapter's
+    ``model_module`` or mlx-lm's module (``architectures``)."""
+    if config.get("model_file") is not None:
+        return model_file_classes(model_dir, config)
+    return architectures.model_classes(config)
+
+
 def model_file_classes(model_dir, config: dict) -> tuple[type, type]:
     """``(Model, ModelArgs)`` for a config with a ``model_file``, from installed code only."""
     model_file = config["model_file"]
@@ -57,15 +67,6 @@ def model_file_classes(model_dir, config: dict) -> tuple[type, type]:
         )
     module = architectures.model_module(config)
     return module.Model, module.ModelArgs
-
-
-def model_classes(model_dir, config: dict) -> tuple[type, type]:
-    """``(Model, ModelArgs)`` that build ``config``: for a ``model_file`` mlxfun wrote, from the
-    installed code it stands for (``model_file_classes``; any other ``model_file`` is refused), else
-    the installed adapter's ``model_module`` or mlx-lm's module (``architectures``)."""
-    if config.get("model_file") is not None:
-        return model_file_classes(model_dir, config)
-    return architectures.model_classes(config)
 
 
 def copy_model_module(config: dict) -> tuple[dict, dict[str, str]]:

@@ -6,11 +6,12 @@ from mlxfun.core import testing
 from mlxfun.core.observe import Observer
 from mlxfun.core.stats import StatsCollector
 from mlxfun.core.types import LayerObservation
+from mlxfun_example_plugin import example_moe
 from mlxfun_example_plugin.adapter import EXAMPLE_MOE
 from mlxfun_example_plugin.scorer import TokenShare
 from mlxfun_example_plugin.selector import ExampleBottom
 
-# A tiny example_moe model: its blocks are Qwen3-MoE's, so mlx-lm's qwen3_moe module builds it.
+# A tiny example_moe model, built by the package's own model module (example_moe.py).
 TINY = dict(
     hidden_size=32,
     num_hidden_layers=2,
@@ -42,7 +43,7 @@ class TestExampleMoEConformance(testing.PluginConformance):
     plugin_object = EXAMPLE_MOE
 
     def make_model(self):
-        return testing.build_tiny_model("example_moe", TINY, module="qwen3_moe"), "example_moe"
+        return testing.build_tiny_model("example_moe", TINY, module=example_moe), "example_moe"
 
 
 def test_token_share_is_the_fraction_of_tokens():
@@ -54,7 +55,7 @@ def test_token_share_is_the_fraction_of_tokens():
 
 
 def test_token_shares_of_a_real_forward_sum_to_top_k():
-    model = testing.build_tiny_model("example_moe", TINY, module="qwen3_moe", seed=1)
+    model = testing.build_tiny_model("example_moe", TINY, module=example_moe, seed=1)
     tokens = mx.array(np.random.default_rng(0).integers(0, 64, (2, 10)))
     collector = StatsCollector([TokenShare()], num_layers=2, num_experts=6)
     with Observer(model, EXAMPLE_MOE) as observer:
