@@ -310,7 +310,5 @@ def test_nan_scores_are_refused():
 
 @pytest.mark.parametrize("selector", SELECTORS, ids=lambda s: s.name)
 def test_conformance_and_registration(selector):
-    testing.check_selector(
-        selector, options={"n": 4 if selector.name == "model-wide" else 2, "top_k": 2}
-    )
+    testing.check_selector(selector, n=4 if selector.name == "model-wide" else 2)
     assert plugins.get_selector(selector.name) == selector

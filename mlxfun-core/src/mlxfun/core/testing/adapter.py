@@ -50,12 +50,13 @@ def check_adapter(
     ``{"model_type": model_type}``) is what ``matches`` must accept.
 
     With ``commands`` (the default), the commands' own path, with this adapter in the plugin
-    registry: the model is saved as a checkpoint (weights, a config from ``model.args`` and a
-    byte-level tokenizer; or pass ``checkpoint``, e.g. from ``save_tiny_checkpoint``, with a
-    vocabulary of at least 64 tokens), ``mlxfun collect`` observes every observable on it,
-    ``mlxfun prune --n 1`` removes one expert per layer, and the pruned model loads through
-    mlxfun's loader (so the architecture's model classes must be found: mlx-lm's own, or the
-    adapter's ``model_module``), runs, and has one expert fewer in every MoE layer. This needs
+    registry: the model is saved as a checkpoint (weights, the config ``build_tiny_model``
+    built it from or else one from ``model.args``, with ``model_type``, and a byte-level
+    tokenizer; or pass ``checkpoint``, e.g. from ``save_tiny_checkpoint``, with a vocabulary of
+    at least 64 tokens), ``mlxfun collect`` observes every observable on it, ``mlxfun prune --n
+    1`` removes one expert per layer, and the pruned model loads through mlxfun's loader (so
+    the architecture's model classes must be found: mlx-lm's own, or the adapter's
+    ``model_module``), runs, and has one expert fewer in every MoE layer. This needs
     the ``prune`` compressor (``mlxfun-methods``). Returns the observations of the forward.
     """
     import mlx.core as mx
@@ -258,23 +259,34 @@ def _check_commands(label: str, adapter, model, model_type: str, checkpoint) -> 
 
 
 def _save_checkpoint(label: str, model, model_type: str, directory):
-    """The in-memory model as an mlx-lm model directory: weights, ``config.json`` from its
-    ``args`` dataclass, a byte-level tokenizer."""
+    """The in-memory model as an mlx-lm model directory: weights, the ``config.json`` it was
+    built from (``build_tiny_model``) or else one from its ``args`` dataclass, a byte-level
+    tokenizer."""
     import dataclasses
 
     from mlx_lm.utils import save_config, save_model
 
-    from .tiny_models import write_byte_tokenizer
+    from .tiny_models import tiny_model_config, write_byte_tokenizer
 
+    config = tiny_model_config(model)
     args = getattr(model, "args", None)
-    if not dataclasses.is_dataclass(args):
+    if config is None and dataclasses.is_dataclass(args):
+        config = dataclasses.asdict(args)
+    if config is None:
         fail(
             label,
-            "cannot save this model for the commands' path: it has no `args` dataclass "
-            "(mlx-lm's ModelArgs); pass checkpoint=save_tiny_checkpoint(...) or commands=False",
+            "cannot save this model for the commands' path: it was not built by "
+            "build_tiny_model and has no `args` dataclass (mlx-lm's ModelArgs); pass "
+            "checkpoint=save_tiny_checkpoint(...) or commands=False",
         )
+    config["model_type"] = model_type
+    quantized = [m for _, m in model.named_modules() if hasattr(m, "bits") and hasattr(m, "scales")]
+    if quantized and "quantization" not in config:  # quantized after it was built
+        # mlx-lm reads each layer's own bits and group size from the weights; it needs the key
+        first = quantized[0]
+        config["quantization"] = {"group_size": first.group_size, "bits": first.bits}
     directory.mkdir(parents=True)
     save_model(directory, model)
-    save_config({**dataclasses.asdict(args), "model_type": model_type}, directory / "config.json")
+    save_config(config, directory / "config.json")
     write_byte_tokenizer(directory)
     return directory

@@ -7,6 +7,7 @@ author can run ``mlxfun collect``, ``prune`` and the loaders on their own archit
 
 import importlib
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,21 @@ def build_tiny_model(
             ),
         )
     mx.eval(model.parameters())
+    config = {"model_type": model_type, **args}
+    if bits is not None:
+        config["quantization"] = {"group_size": group_size, "bits": bits}
+    _built[id(model)] = (weakref.ref(model), config)
     return model
+
+
+# id(model) -> (weak reference, config.json): the config each tiny model was built from
+_built: dict[int, tuple] = {}
+
+
+def tiny_model_config(model) -> dict | None:
+    """The ``config.json`` that ``build_tiny_model`` built ``model`` from, or None."""
+    reference, config = _built.get(id(model), (None, None))
+    return dict(config) if reference is not None and reference() is model else None
 
 
 def save_tiny_checkpoint(
@@ -123,10 +138,7 @@ def save_tiny_checkpoint(
         model_type, args, seed=seed, module=module, bits=bits, group_size=group_size
     )
     save_model(directory, model)
-    config = {"model_type": model_type, **args}
-    if bits is not None:
-        config["quantization"] = {"group_size": group_size, "bits": bits}
-    save_config(config, directory / "config.json")
+    save_config(tiny_model_config(model), directory / "config.json")
     write_byte_tokenizer(directory)
     return directory
 
