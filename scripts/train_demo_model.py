@@ -214,7 +214,7 @@ def main():
     parser.add_argument(
         "--balance",
         type=float,
-        default=0.04,
+        default=0.5,
         help="router_aux_loss_coef: weight of the load-balancing loss (uniform routing scores k)",
     )
     parser.add_argument(
@@ -223,7 +223,7 @@ def main():
         default=0.0,
         help="router z-loss weight (ST-MoE): mean squared logsumexp of the router logits",
     )
-    parser.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps")
+    parser.add_argument("--warmup", type=int, default=50, help="linear learning-rate warm-up steps")
     parser.add_argument(
         "--expert-size",
         type=int,
