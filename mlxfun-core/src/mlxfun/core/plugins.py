@@ -13,7 +13,6 @@ import importlib.metadata
 import os
 import re
 import sys
-import traceback
 
 import attrs
 import pluggy
@@ -266,6 +265,8 @@ def failed_plugin(exc: BaseException) -> PluginInfo | None:
     When several plugins hold the same function (built-in adapters share routing functions),
     the one a look-up handed out wins.
     """
+    import traceback
+
     if _registry is None:
         return None
     infos = [info for kind in KINDS for info in _registry[kind].values()]
