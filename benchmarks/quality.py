@@ -89,7 +89,25 @@ def collect_all(workdir: Path) -> tuple[dict, dict]:
     return files, seconds
 
 
-def removal_grid(model, layers, stats, evals, ratios) -> list[dict]:
+def removed_perplexity(model, layers, selector, scores, total, top_k, evals) -> dict:
+    selection = selector.select(scores, n=total, top_k=top_k)
+    set_removed(layers, selection.removed)
+    return {d: perplexity(model, w) for d, w in evals.items()}
+
+
+def random_row(model, layers, selector, shape, total, top_k, evals, seeds: int) -> dict:
+    """Random removal does not depend on the calibration set: the mean over `seeds` draws,
+    with the smallest and largest perplexity of each domain."""
+    runs = []
+    for seed in range(seeds):
+        scores = np.random.default_rng(seed).random(shape)
+        runs.append(removed_perplexity(model, layers, selector, scores, total, top_k, evals))
+    row = {d: float(np.mean([r[d] for r in runs])) for d in DOMAINS}
+    row["spread"] = {d: (min(r[d] for r in runs), max(r[d] for r in runs)) for d in DOMAINS}
+    return row
+
+
+def removal_grid(model, layers, stats, evals, ratios, random_seeds: int) -> list[dict]:
     top_k = layers[0].top_k
     num_experts = layers[0].num_experts
     rows = []
@@ -98,12 +116,17 @@ def removal_grid(model, layers, stats, evals, ratios) -> list[dict]:
         for selector_name in ("bottom", "model-wide"):
             selector = plugins.get_selector(selector_name)
             total = n if selector_name == "bottom" else n * len(layers)
+            shape = stats["mixed"].scores["reap"].shape
+            random = random_row(model, layers, selector, shape, total, top_k, evals, random_seeds)
             for calibration in CALIBRATIONS:
                 for scorer in SCORERS:
-                    scores = stats[calibration].scores[scorer]
-                    selection = selector.select(scores, n=total, top_k=top_k)
-                    set_removed(layers, selection.removed)
-                    ppl = {d: perplexity(model, w) for d, w in evals.items()}
+                    if scorer == "random":
+                        ppl = random
+                    else:
+                        scores = stats[calibration].scores[scorer]
+                        ppl = removed_perplexity(
+                            model, layers, selector, scores, total, top_k, evals
+                        )
                     rows.append(dict(ratio=ratio, selector=selector_name,
                                      calibration=calibration, scorer=scorer, **ppl))  # fmt: skip
                     print(f"  {ratio:.0%} {selector_name:10} {calibration:5} {scorer:18} "
@@ -147,15 +170,20 @@ def merge_rows(workdir, stats_file, evals, ratios, group_sizes, max_tokens) -> t
     return rows, collect
 
 
-def cell(value: float, dense: float) -> str:
-    return f"{value:.1f} ({value / dense - 1:+.0%})"
+def cell(value: float, dense: float, spread=None) -> str:
+    text = f"{value:.1f} ({value / dense - 1:+.0%})"
+    if spread is not None:
+        text += f" [{spread[0] / dense - 1:+.0%} to {spread[1] / dense - 1:+.0%}]"
+    return text
 
 
 def print_report(opts, dense, rows, merged, collect, elapsed) -> None:
     machine = f"{platform.system()} {platform.machine()}, {platform.processor() or 'CPU'}"
     print(f"\n## Demo MoE quality ({datetime.date.today()}, {machine}, mlx {mx.__version__})\n")
     print(f"Perplexity on {opts.eval_tokens} held-out tokens per domain (change vs the "
-          f"unpruned model). Unpruned: code {dense['code']:.1f}, prose {dense['prose']:.1f}.\n")  # fmt: skip
+          f"unpruned model). Unpruned: code {dense['code']:.1f}, prose {dense['prose']:.1f}. "
+          f"random: mean over {opts.random_seeds} seeds [smallest to largest change]; it does "
+          f"not depend on the calibration set.\n")  # fmt: skip
     for ratio in opts.ratios:
         for selector in ("bottom", "model-wide"):
             what = "per layer" if selector == "bottom" else "same total, across layers"
@@ -168,7 +196,8 @@ def print_report(opts, dense, rows, merged, collect, elapsed) -> None:
                 for calibration in CALIBRATIONS:
                     row = next(r for r in rows if (r["ratio"], r["selector"], r["calibration"],
                                r["scorer"]) == (ratio, selector, calibration, scorer))  # fmt: skip
-                    cells += [cell(row[d], dense[d]) for d in DOMAINS]
+                    spread = row.get("spread", {})
+                    cells += [cell(row[d], dense[d], spread.get(d)) for d in DOMAINS]
                 print(f"| {scorer} | " + " | ".join(cells) + " |")
             print()
     if merged:
@@ -204,6 +233,7 @@ def main():
     parser.add_argument(
         "--group-sizes", default="16,0", help="merge --group-size values (0: MC-SMoE style)"
     )
+    parser.add_argument("--random-seeds", type=int, default=5, help="random baseline draws")
     opts = parser.parse_args()
     opts.ratios = [float(r) for r in opts.ratios.split(",")]
     started = time.perf_counter()
@@ -217,7 +247,7 @@ def main():
         evals = {d: eval_windows(tokenizer, d, opts.eval_tokens) for d in DOMAINS}
         dense = {d: perplexity(model, w) for d, w in evals.items()}
         print(f"unpruned: code {dense['code']:.2f}  prose {dense['prose']:.2f}", flush=True)
-        rows = removal_grid(model, layers, stats, evals, opts.ratios)
+        rows = removal_grid(model, layers, stats, evals, opts.ratios, opts.random_seeds)
         del model
         merged, collect = [], None
         if opts.merge:
