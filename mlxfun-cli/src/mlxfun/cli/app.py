@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         if failed is None:
             raise
         _traceback_if_debug(exc)
-        print(f"error: {plugins.plugin_failure_message(failed, exc)}", file=sys.stderr)
+        hint = "" if _debug else " (--debug or MLXFUN_DEBUG=1 shows the traceback)"
+        print(f"error: {plugins.plugin_failure_message(failed, exc)}{hint}", file=sys.stderr)
         return 1
     return 0
 

@@ -287,10 +287,7 @@ def plugin_failure_message(info: PluginInfo, exc: BaseException) -> str:
     """One line: which plugin failed, of which kind and distribution, and with what."""
     text = str(exc).strip().splitlines()
     detail = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-    return (
-        f"{info.kind} plugin {info.name!r} ({info.distribution} {info.version}) failed: {detail}"
-        " (--debug or MLXFUN_DEBUG=1 shows the traceback)"
-    )
+    return f"{info.kind} plugin {info.name!r} ({info.distribution} {info.version}) failed: {detail}"
 
 
 def _runs(frame, obj) -> bool:
