@@ -308,7 +308,10 @@ class ReturnsDict(BottomSelector):
 
 SELECTOR_MISTAKES = [
     (Unsorted(), "Selection.keep\\[0\\] = \\[7, 6, .*must be sorted"),
-    (NumpyInts(), "Selection.keep\\[0\\] is \\[np.int64.*expected list\\[int\\] of Python ints"),
+    (
+        NumpyInts(),
+        "Selection.keep\\[0\\] is a list of int64 .*expected list\\[int\\] of Python ints",
+    ),
     (NumpyKeys(), "Selection.keep has keys .* of type int64, expected Python int"),
     (KeepAsList(), "Selection.keep is a list .* expected dict\\[int, list\\[int\\]\\]"),
     (IntTopK(), "raised TypeError.* it works when top_k is an int, but top_k is a list\\[int\\]"),

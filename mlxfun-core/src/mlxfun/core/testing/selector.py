@@ -419,9 +419,12 @@ def _check_layer(label: str, selection, chosen: SelectOptions, position: int, wh
     keep, removed = selection.keep[position], selection.removed.get(position, [])
     for what, ids in (("keep", keep), ("removed", removed)):
         if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+            held = sorted({type(i).__name__ for i in ids}) if isinstance(ids, list) else []
             fail(
                 label,
-                f"Selection.{what}[{position}] is {ids!r}, expected list[int] of Python ints "
+                f"Selection.{what}[{position}] is a {type(ids).__name__}"
+                + (f" of {', '.join(held)}" if held else "")
+                + f" ({ids!r}), expected list[int] of Python ints "
                 "(they are written to JSON; convert numpy integers with int())",
             )
         if ids != sorted(set(ids)):
