@@ -29,9 +29,14 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(4, "--batch-size", help="Samples per forward pass."),
         seed: int = typer.Option(0, "--seed", help="Seed for subsampling and the random scorer."),
         json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+        rank_timeout: float = typer.Option(
+            600.0,
+            "--rank-timeout",
+            help="Under mlx.launch: seconds a rank waits for the others before it gives up.",
+        ),
     ):
         """Collect routing statistics (REAP, EAN, frequency, ...) in one pass."""
-        from mlxfun.core import plugins
+        from mlxfun.core import distributed, plugins
         from mlxfun.core.collect import collect_stats, layer_summary, with_seed
         from mlxfun.core.config import read_config
         from mlxfun.core.datasets import load_samples, tokenize_samples
@@ -42,7 +47,9 @@ def register(app: typer.Typer) -> None:
 
         if max_tokens <= 0 or batch_size <= 0:
             raise MlxfunError("--max-tokens and --batch-size must be positive")
-        check_output_file(output, inputs=[model, *dataset])
+        ranks = distributed.join(rank_timeout)
+        if ranks.writes:
+            check_output_file(output, inputs=[model, *dataset])
         config = read_config(model)
         adapter = plugins.adapter_for_config(config)
         names = (
@@ -54,7 +61,17 @@ def register(app: typer.Typer) -> None:
         samples = load_samples(dataset, max_samples=max_samples, seed=seed)
         loaded, tokenizer, config = load_model(model)
         sequences = tokenize_samples(samples, tokenizer, max_tokens)
-        collector, layers = collect_stats(loaded, adapter, sequences, chosen, batch_size)
+        options = {"scorers": names, "seed": seed, "batch_size": batch_size}
+        distributed.check_same_run(
+            ranks, distributed.run_fingerprint(model, config, sequences, options)
+        )
+        mine = distributed.share(sequences, batch_size, ranks)
+        collector, layers = collect_stats(
+            loaded, adapter, mine, chosen, batch_size, progress=ranks.writes
+        )
+        distributed.combine_ranks(ranks, collector, chosen)
+        if not ranks.writes:
+            return
         scores = collector.scores()
         tokens_seen = int(sum(len(s) for s in sequences))
         metadata = {
@@ -69,6 +86,8 @@ def register(app: typer.Typer) -> None:
             "max_tokens": max_tokens,
             "seed": seed,
         }
+        if ranks.size > 1:
+            metadata["ranks"] = ranks.size
         save_stats(output, scores, collector.accumulators, collector.token_counts, metadata)
         rows = layer_summary(scores, collector.token_counts, metadata["moe_layers"], None)
         if json_output:
