@@ -165,8 +165,8 @@ def test_two_ranks_with_mlx_launch_equal_one_process(qwen_dir, tmp_path):
     assert done.stdout.count(f"wrote {out}") == 1, done.stdout + done.stderr
     two = load_stats(out)
     assert_same_stats(one, two)
-    assert two.metadata["ranks"] == 2
-    assert {k: v for k, v in two.metadata.items() if k != "ranks"} == one.metadata
+    assert (two.metadata["ranks"], two.metadata["ranks_split"]) == (2, "data")
+    assert {k: v for k, v in two.metadata.items() if not k.startswith("ranks")} == one.metadata
     assert os.listdir(out.parent) == ["s.npz"]  # rank 1 wrote nothing, no temporary left
 
 
@@ -260,3 +260,43 @@ def test_a_rank_that_dies_or_hangs_while_collecting(qwen_dir, tmp_path, stop):
         assert code == -signal.SIGTERM
         assert "rank 0: no answer from the other ranks after 5 s while gathering" in line
     assert not out.parent.exists() or os.listdir(out.parent) == []
+
+
+def test_pipeline_over_two_ranks_equals_one_process(tmp_path):
+    # three decoder layers, the first dense: mlx-lm gives rank 1 layer 0 (no MoE layer to
+    # observe) and rank 0 layers 1-2
+    args = dict(QWEN3_MOE, num_hidden_layers=3, mlp_only_layers=[0])
+    model = write_model_dir(tmp_path / "qwen3", "qwen3_moe", args)
+    data = write_jsonl(tmp_path / "data.jsonl", TEXTS)
+    one = single(model, data, tmp_path / "one.npz")
+    out = tmp_path / "out" / "s.npz"
+    ranks = start_ranks(tmp_path, [collect_args(model, data, out, "--pipeline")] * 2)
+    assert wait_all(ranks) == [0, 0], (tmp_path / "rank0.err").read_text()
+    two = load_stats(out)
+    assert one.metadata["moe_layers"] == [1, 2]
+    assert two.metadata["fingerprint"] == one.metadata["fingerprint"]
+    # each layer is observed by one rank over the same batches: the same additions, exactly
+    np.testing.assert_array_equal(two.token_counts, one.token_counts)
+    for name, acc in one.accumulators.items():
+        for key, value in acc.items():
+            np.testing.assert_array_equal(two.accumulators[name][key], value, err_msg=name)
+    assert two.metadata["ranks_split"] == "layers"
+    assert os.listdir(out.parent) == ["s.npz"]
+
+
+def test_pipeline_refuses_a_model_mlx_lm_cannot_pipeline(tmp_path, capsys):
+    from mlxfun.cli.app import main
+
+    from .adapters.test_examples import MIXTRAL
+
+    model = write_model_dir(tmp_path / "mixtral", "mixtral", MIXTRAL)
+    data = write_jsonl(tmp_path / "data.jsonl", TEXTS)
+    out = tmp_path / "s.npz"
+    args = ["collect", "--model", str(model), "--dataset", str(data), "-o", str(out)]
+    assert main([*args, "--pipeline"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: mlx-lm cannot pipeline mixtral models (no model.pipeline); collect without "
+        "--pipeline: each rank then takes a share of the data"
+    )
+    assert not out.exists()

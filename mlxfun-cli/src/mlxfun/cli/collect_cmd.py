@@ -29,6 +29,12 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(4, "--batch-size", help="Samples per forward pass."),
         seed: int = typer.Option(0, "--seed", help="Seed for subsampling and the random scorer."),
         json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+        pipeline: bool = typer.Option(
+            False,
+            "--pipeline",
+            help="Under mlx.launch: each rank holds and observes its own decoder layers (models "
+            "mlx-lm can pipeline) instead of taking a share of the data.",
+        ),
         rank_timeout: float = typer.Option(
             600.0,
             "--rank-timeout",
@@ -59,24 +65,31 @@ def register(app: typer.Typer) -> None:
         )
         chosen = with_seed([plugins.get_scorer(n) for n in names], seed)
         samples = load_samples(dataset, max_samples=max_samples, seed=seed)
-        loaded, tokenizer, config = load_model(model)
+        loaded, tokenizer, config = load_model(model, lazy=pipeline)
         sequences = tokenize_samples(samples, tokenizer, max_tokens)
-        options = {"scorers": names, "seed": seed, "batch_size": batch_size}
+        options = {"scorers": names, "seed": seed, "batch_size": batch_size, "pipeline": pipeline}
         distributed.check_same_run(
             ranks, distributed.run_fingerprint(model, config, sequences, options)
         )
-        mine = distributed.share(sequences, batch_size, ranks)
-        collector, layers = collect_stats(
-            loaded, adapter, mine, chosen, batch_size, progress=ranks.writes
-        )
-        distributed.combine_ranks(ranks, collector, chosen)
+        if pipeline:
+            distributed.pipeline(loaded, ranks)
+            collector, fingerprint = distributed.collect_pipelined(
+                loaded, config, adapter, sequences, chosen, batch_size, ranks
+            )
+        else:
+            mine = distributed.share(sequences, batch_size, ranks)
+            collector, layers = collect_stats(
+                loaded, adapter, mine, chosen, batch_size, progress=ranks.writes
+            )
+            distributed.combine_ranks(ranks, collector, chosen)
+            fingerprint = model_fingerprint(config, layers)
         if not ranks.writes:
             return
         scores = collector.scores()
         tokens_seen = int(sum(len(s) for s in sequences))
         metadata = {
-            "fingerprint": model_fingerprint(config, layers),
-            "moe_layers": [layer.index for layer in layers],
+            "fingerprint": fingerprint,
+            "moe_layers": fingerprint["moe_layers"],
             "model": str(model),
             "adapter": adapter.name,
             "datasets": [str(p) for p in dataset],
@@ -88,6 +101,7 @@ def register(app: typer.Typer) -> None:
         }
         if ranks.size > 1:
             metadata["ranks"] = ranks.size
+            metadata["ranks_split"] = "layers" if pipeline else "data"
         save_stats(output, scores, collector.accumulators, collector.token_counts, metadata)
         rows = layer_summary(scores, collector.token_counts, metadata["moe_layers"], None)
         if json_output:

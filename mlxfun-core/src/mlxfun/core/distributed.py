@@ -19,14 +19,14 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import attrs
 import numpy as np
 
 from .errors import MlxfunError
-from .stats import combine_accumulators
+from .stats import combine_accumulators, model_fingerprint
 
 
 @attrs.define
@@ -173,27 +173,122 @@ def _unpack(row: np.ndarray, parts) -> dict:
 
 def _gather_bytes(ranks: Ranks, mine: np.ndarray, what: str) -> np.ndarray:
     """Every rank's ``mine`` (uint8, the same length on every rank) in rank order."""
+    rows = _gather_varied(ranks, mine, what)
+    if len({row.size for row in rows}) != 1:
+        raise MlxfunError(
+            f"rank {ranks.rank}: the ranks' statistics differ in size "
+            f"({[row.size for row in rows]} bytes); run the same command on every rank"
+        )
+    return np.stack(rows)
+
+
+def _gather_varied(ranks: Ranks, mine: np.ndarray, what: str) -> list[np.ndarray]:
+    """Every rank's ``mine`` (uint8, any length) in rank order."""
     import mlx.core as mx
 
-    with _deadline(ranks.timeout, what, ranks.rank):
+    with _deadline(ranks.timeout, what, ranks.rank), _lost_ranks(ranks, what):
+        sizes = mx.distributed.all_gather(
+            mx.array([mine.size], dtype=mx.int32), group=ranks.group, stream=mx.cpu
+        )
+        mx.eval(sizes)
+        sizes = np.array(sizes).tolist()
+        padded = np.zeros(max(sizes), dtype=np.uint8)
+        padded[: mine.size] = mine
+        gathered = mx.distributed.all_gather(mx.array(padded), group=ranks.group, stream=mx.cpu)
+        mx.eval(gathered)
+    rows = np.array(gathered, dtype=np.uint8).reshape(ranks.size, -1)
+    return [row[:size] for row, size in zip(rows, sizes)]
+
+
+_PER_LAYER = ("moe_layers", "experts_per_layer", "top_k", "expert_shapes")
+
+
+def _whole_fingerprint(ranks: Ranks, mine: dict) -> dict:
+    """The ``model_fingerprint`` of the whole model from every rank's fingerprint of its own
+    layers: the per-layer lists joined in layer order."""
+    if ranks.group is None:
+        return mine
+    text = np.frombuffer(json.dumps(mine).encode(), dtype=np.uint8)
+    parts = [json.loads(row.tobytes()) for row in _gather_varied(ranks, text, "joining layers")]
+    keys = [k for k in _PER_LAYER if all(k in p for p in parts if p["moe_layers"])]
+    entries = sorted(
+        (entry for p in parts if p["moe_layers"] for entry in zip(*(p[k] for k in keys))),
+        key=lambda entry: entry[0],
+    )
+    whole = {k: v for k, v in parts[0].items() if k not in _PER_LAYER}
+    for position, key in enumerate(keys):
+        whole[key] = [entry[position] for entry in entries]
+    return whole
+
+
+@contextmanager
+def _lost_ranks(ranks: Ranks, what: str):
+    """The backend's error when a peer closed its connections, as one line."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise MlxfunError(
+            f"rank {ranks.rank}: lost the other ranks while {what} ({exc}); "
+            "see the failing rank's error above"
+        ) from None
+
+
+def pipeline(model, ranks: Ranks) -> None:
+    """Keep only this rank's decoder layers (mlx-lm's ``model.model.pipeline``, as its
+    ``sharded_load`` does: the last rank runs the first layers, rank 0 the last ones) and read
+    their weights; ``model`` was loaded lazily, so the other layers are never read."""
+    import mlx.core as mx
+
+    inner = getattr(model, "model", None)
+    if not hasattr(inner, "pipeline"):
+        raise MlxfunError(
+            f"mlx-lm cannot pipeline {type(model).__module__.rsplit('.', 1)[-1]} models "
+            "(no model.pipeline); collect without --pipeline: each rank then takes a share "
+            "of the data"
+        )
+    if ranks.group is not None:
         try:
-            sizes = mx.distributed.all_gather(
-                mx.array([mine.size], dtype=mx.int32), group=ranks.group, stream=mx.cpu
-            )
-            mx.eval(sizes)
-            if len(set(np.array(sizes).tolist())) != 1:
-                raise MlxfunError(
-                    f"rank {ranks.rank}: the ranks' statistics differ in size "
-                    f"({np.array(sizes).tolist()} bytes); run the same command on every rank"
-                )
-            gathered = mx.distributed.all_gather(mx.array(mine), group=ranks.group, stream=mx.cpu)
-            mx.eval(gathered)
-        except RuntimeError as exc:
-            raise MlxfunError(
-                f"rank {ranks.rank}: lost the other ranks while {what} ({exc}); "
-                "see the failing rank's error above"
-            ) from None
-    return np.array(gathered, dtype=np.uint8)
+            inner.pipeline(ranks.group)
+        except ValueError as exc:
+            raise MlxfunError(f"cannot split the model over {ranks.size} ranks: {exc}") from None
+    mx.eval(model.parameters())
+
+
+def collect_pipelined(
+    model, config: dict, adapter, sequences, scorers, batch_size: int, ranks: Ranks
+):
+    """Collect on a pipelined model: every rank runs every batch through its own layers and
+    observes its own MoE layers, at their place among all the model's MoE layers; the other
+    layers' accumulators stay empty, so combining the ranks (``combine_ranks``) fills each
+    layer with the one rank that saw it. Returns ``(collector, fingerprint)``, the
+    fingerprint of the whole model (``model_fingerprint`` of every rank's layers)."""
+    import mlx.core as mx
+
+    from .datasets import batches
+    from .observe import Observer
+    from .stats import StatsCollector
+
+    layers = adapter.moe_layers(model)
+    fingerprint = _whole_fingerprint(ranks, model_fingerprint(config, layers))
+    order = fingerprint["moe_layers"]
+    collector = StatsCollector(scorers, len(order), max(fingerprint["experts_per_layer"]))
+    observer = Observer(model, adapter, collector.needs) if layers else None
+    where = [order.index(layer.index) for layer in layers]
+    ordered = sorted(sequences, key=len, reverse=True)
+    with observer if observer is not None else nullcontext():
+        for tokens, mask in batches(ordered, batch_size):
+            hidden = model.model(mx.array(tokens))  # no LM head: statistics do not need it
+            with _deadline(ranks.timeout, "running a batch", ranks.rank):
+                with _lost_ranks(ranks, "running a batch"):
+                    mx.eval(hidden)
+            if observer is None:
+                continue
+            observations = observer.observations(mask)
+            for obs in observations:
+                obs.layer = where[obs.layer]
+            collector.update(observations)
+    combine_ranks(ranks, collector, scorers)
+    return collector, fingerprint
 
 
 # A separate process, because a blocked collective may hold the GIL (``mx.distributed.init``
