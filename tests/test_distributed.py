@@ -142,8 +142,9 @@ def test_shares_are_the_single_process_batches_dealt_round_robin():
         assert [dealt[i] for i in range(len(whole))] == whole
 
 
-def test_two_ranks_with_mlx_launch_equal_one_process(qwen_dir, tmp_path):
-    data = write_jsonl(tmp_path / "data.jsonl", TEXTS)
+@pytest.mark.parametrize("count", [len(TEXTS), 1], ids=["shared", "rank-1-gets-nothing"])
+def test_two_ranks_with_mlx_launch_equal_one_process(qwen_dir, tmp_path, count):
+    data = write_jsonl(tmp_path / "data.jsonl", TEXTS[:count])
     one = single(qwen_dir, data, tmp_path / "one" / "s.npz")
     out = tmp_path / "two" / "s.npz"
     launch = [
@@ -262,11 +263,12 @@ def test_a_rank_that_dies_or_hangs_while_collecting(qwen_dir, tmp_path, stop):
     assert not out.parent.exists() or os.listdir(out.parent) == []
 
 
-def test_pipeline_over_two_ranks_equals_one_process(tmp_path):
+@pytest.mark.parametrize("bits", [None, 4], ids=["float32", "4-bit"])
+def test_pipeline_over_two_ranks_equals_one_process(tmp_path, bits):
     # three decoder layers, the first dense: mlx-lm gives rank 1 layer 0 (no MoE layer to
     # observe) and rank 0 layers 1-2
     args = dict(QWEN3_MOE, num_hidden_layers=3, mlp_only_layers=[0])
-    model = write_model_dir(tmp_path / "qwen3", "qwen3_moe", args)
+    model = write_model_dir(tmp_path / "qwen3", "qwen3_moe", args, bits=bits)
     data = write_jsonl(tmp_path / "data.jsonl", TEXTS)
     one = single(model, data, tmp_path / "one.npz")
     out = tmp_path / "out" / "s.npz"
