@@ -263,12 +263,21 @@ def test_a_rank_that_dies_or_hangs_while_collecting(qwen_dir, tmp_path, stop):
     assert not out.parent.exists() or os.listdir(out.parent) == []
 
 
-@pytest.mark.parametrize("bits", [None, 4], ids=["float32", "4-bit"])
-def test_pipeline_over_two_ranks_equals_one_process(tmp_path, bits):
+@pytest.mark.parametrize(
+    "model_type, bits",
+    [("qwen3_moe", None), ("qwen3_moe", 4), ("deepseek_v3", None)],
+    ids=["qwen3_moe", "qwen3_moe-4bit", "deepseek_v3"],
+)
+def test_pipeline_over_two_ranks_equals_one_process(tmp_path, model_type, bits):
     # three decoder layers, the first dense: mlx-lm gives rank 1 layer 0 (no MoE layer to
     # observe) and rank 0 layers 1-2
-    args = dict(QWEN3_MOE, num_hidden_layers=3, mlp_only_layers=[0])
-    model = write_model_dir(tmp_path / "qwen3", "qwen3_moe", args, bits=bits)
+    from .adapters.test_biased_family import DEEPSEEK_V3
+
+    args = {
+        "qwen3_moe": dict(QWEN3_MOE, num_hidden_layers=3, mlp_only_layers=[0]),
+        "deepseek_v3": dict(DEEPSEEK_V3, num_hidden_layers=3, first_k_dense_replace=1),
+    }[model_type]
+    model = write_model_dir(tmp_path / "model", model_type, args, bits=bits)
     data = write_jsonl(tmp_path / "data.jsonl", TEXTS)
     one = single(model, data, tmp_path / "one.npz")
     out = tmp_path / "out" / "s.npz"
