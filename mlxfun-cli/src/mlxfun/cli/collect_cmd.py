@@ -29,6 +29,17 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(4, "--batch-size", help="Samples per forward pass."),
         seed: int = typer.Option(0, "--seed", help="Seed for subsampling and the random scorer."),
         json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+        pipeline: bool = typer.Option(
+            False,
+            "--pipeline",
+            help="Under mlx.launch: each rank holds and observes its own decoder layers (models "
+            "mlx-lm can pipeline) instead of taking a share of the data.",
+        ),
+        rank_timeout: float = typer.Option(
+            600.0,
+            "--rank-timeout",
+            help="Under mlx.launch: seconds a rank waits for the others before it gives up.",
+        ),
     ):
         """Collect routing statistics (REAP, EAN, frequency, ...) in one pass."""
         from mlxfun.core.collect import CollectRequest
@@ -43,8 +54,12 @@ def register(app: typer.Typer) -> None:
             max_tokens=max_tokens,
             batch_size=batch_size,
             seed=seed,
+            pipeline=pipeline,
+            rank_timeout=rank_timeout,
         )
         summary = run_collect(request)
+        if summary is None:  # a rank other than 0 under mlx.launch: rank 0 reports
+            return
         if json_output:
             print_json(
                 {key: summary[key] for key in ("output", "tokens_seen", "scorers", "layers")}

@@ -61,13 +61,19 @@ class CollectRequest:
     batch_size: int = 4
     seed: int = 0
     progress: bool = True
+    pipeline: bool = False  # under mlx.launch: split the decoder layers, not the data
+    rank_timeout: float = 600.0  # under mlx.launch: seconds to wait for the other ranks
 
 
-def collect(request: CollectRequest) -> dict:
+def collect(request: CollectRequest) -> dict | None:
     """``mlxfun collect``: observe the model on the datasets, feed the scorers, write the stats
     file (nothing is written unless the whole pass succeeds). Returns the summary: ``output``,
-    ``tokens_seen``, ``samples``, ``scorers`` and the per-layer ``layers`` rows."""
-    from . import plugins
+    ``tokens_seen``, ``samples``, ``scorers`` and the per-layer ``layers`` rows.
+
+    Under ``mlx.launch`` the ranks split the batches (or, with ``pipeline``, the decoder layers),
+    their statistics are combined exactly and rank 0 writes the file and returns the summary;
+    the other ranks return ``None`` (see ``distributed``)."""
+    from . import distributed, plugins
     from .config import read_config
     from .datasets import load_samples, tokenize_samples
     from .errors import MlxfunError
@@ -77,21 +83,25 @@ def collect(request: CollectRequest) -> dict:
 
     if request.max_tokens <= 0 or request.batch_size <= 0:
         raise MlxfunError("--max-tokens and --batch-size must be positive")
-    check_output_file(request.output, inputs=[request.model, *request.datasets])
+    ranks = distributed.join(request.rank_timeout)
+    if ranks.writes:
+        check_output_file(request.output, inputs=[request.model, *request.datasets])
     adapter = plugins.adapter_for_config(read_config(request.model))
     names = plugins.plugin_names("scorer") if request.scorers is None else request.scorers
     chosen = with_seed([plugins.get_scorer(n) for n in names], request.seed)
     samples = load_samples(request.datasets, max_samples=request.max_samples, seed=request.seed)
-    loaded, tokenizer, config = load_model(request.model)
+    loaded, tokenizer, config = load_model(request.model, lazy=request.pipeline)
     sequences = tokenize_samples(samples, tokenizer, request.max_tokens)
-    collector, layers = collect_stats(
-        loaded, adapter, sequences, chosen, request.batch_size, progress=request.progress
+    collector, fingerprint = _collect_ranks(
+        request, ranks, loaded, config, adapter, chosen, sequences
     )
+    if not ranks.writes:
+        return None
     scores = collector.scores()
     tokens_seen = int(sum(len(s) for s in sequences))
     metadata = {
-        "fingerprint": model_fingerprint(config, layers),
-        "moe_layers": [layer.index for layer in layers],
+        "fingerprint": fingerprint,
+        "moe_layers": fingerprint["moe_layers"],
         "model": str(request.model),
         "adapter": adapter.name,
         "datasets": [str(p) for p in request.datasets],
@@ -101,6 +111,9 @@ def collect(request: CollectRequest) -> dict:
         "max_tokens": request.max_tokens,
         "seed": request.seed,
     }
+    if ranks.size > 1:
+        metadata["ranks"] = ranks.size
+        metadata["ranks_split"] = "layers" if request.pipeline else "data"
     save_stats(request.output, scores, collector.accumulators, collector.token_counts, metadata)
     return {
         "output": str(request.output),
@@ -109,6 +122,35 @@ def collect(request: CollectRequest) -> dict:
         "scorers": sorted(scores),
         "layers": layer_summary(scores, collector.token_counts, metadata["moe_layers"], None),
     }
+
+
+def _collect_ranks(request, ranks, model, config, adapter, scorers, sequences):
+    """``(collector, fingerprint)`` of this run over every rank: each rank checks that the
+    others run the same job, then observes its share of the batches (or its layers) and the
+    ranks' accumulators are combined exactly."""
+    from . import distributed
+
+    options = {
+        "scorers": [s.name for s in scorers],
+        "seed": request.seed,
+        "batch_size": request.batch_size,
+        "pipeline": request.pipeline,
+    }
+    distributed.check_same_run(
+        ranks, distributed.run_fingerprint(request.model, config, sequences, options)
+    )
+    if request.pipeline:
+        distributed.pipeline(model, ranks)
+        return distributed.collect_pipelined(
+            model, config, adapter, sequences, scorers, request.batch_size, ranks
+        )
+    mine = distributed.share(sequences, request.batch_size, ranks)
+    progress = request.progress and ranks.writes
+    collector, layers = collect_stats(
+        model, adapter, mine, scorers, request.batch_size, progress=progress
+    )
+    distributed.combine_ranks(ranks, collector, scorers)
+    return collector, model_fingerprint(config, layers)
 
 
 def layer_summary(stats_scores: dict, token_counts, layers_index, top_k) -> list[dict]:

@@ -339,13 +339,20 @@ def merge_stats(stats_list: list[Stats], scorers_by_name: dict, mode: str = "sum
                 f"{name!r} has no accumulators in every file (a rank-merged file?); use --mode rank or global-rank"
             )
         scorer = scorers_by_name[name]
-        combine = getattr(scorer, "combine", None) or (lambda a, b: {k: a[k] + b[k] for k in a})
-        acc = stats_list[0].accumulators[name]
-        for other in stats_list[1:]:
-            acc = combine(acc, other.accumulators[name])
+        acc = combine_accumulators(scorer, [s.accumulators[name] for s in stats_list])
         accumulators[name] = acc
         scores[name] = np.asarray(scorer.finalize(acc), dtype=np.float64)
     return Stats(scores, accumulators, token_counts, metadata)
+
+
+def combine_accumulators(scorer, accumulators: list[dict]) -> dict:
+    """One scorer's accumulators combined left to right with its ``combine`` (addition of
+    every array when it has none): ``stats merge`` and distributed collection alike."""
+    combine = getattr(scorer, "combine", None) or (lambda a, b: {k: a[k] + b[k] for k in a})
+    acc = accumulators[0]
+    for other in accumulators[1:]:
+        acc = combine(acc, other)
+    return acc
 
 
 def _as_list(value):
