@@ -1,5 +1,6 @@
 """``mlxfun collect``: routing statistics on calibration text, written to a stats file."""
 
+import os
 from pathlib import Path
 
 import typer
@@ -28,6 +29,17 @@ def register(app: typer.Typer) -> None:
         ),
         batch_size: int = typer.Option(4, "--batch-size", help="Samples per forward pass."),
         seed: int = typer.Option(0, "--seed", help="Seed for subsampling and the random scorer."),
+        stream: bool = typer.Option(
+            False,
+            "--stream",
+            help="Read each decoder layer's weights just before it runs and drop them after: "
+            "peak memory about one layer plus the hidden states.",
+        ),
+        spill: Path = typer.Option(
+            None,
+            "--spill",
+            help="Directory for the hidden states (a disk memmap) instead of memory.",
+        ),
         json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ):
         """Collect routing statistics (REAP, EAN, frequency, ...) in one pass."""
@@ -43,6 +55,12 @@ def register(app: typer.Typer) -> None:
         if max_tokens <= 0 or batch_size <= 0:
             raise MlxfunError("--max-tokens and --batch-size must be positive")
         check_output_file(output, inputs=[model, *dataset])
+        if spill is not None:
+            from mlxfun.core.runner import spill_file
+
+            fd, probe = spill_file(spill)  # one-line error now, not after loading the model
+            os.close(fd)
+            os.unlink(probe)
         config = read_config(model)
         adapter = plugins.adapter_for_config(config)
         names = (
@@ -52,13 +70,17 @@ def register(app: typer.Typer) -> None:
         )
         chosen = with_seed([plugins.get_scorer(n) for n in names], seed)
         samples = load_samples(dataset, max_samples=max_samples, seed=seed)
-        loaded, tokenizer, config = load_model(model)
+        loaded, tokenizer, config = load_model(model, lazy=stream)
         sequences = tokenize_samples(samples, tokenizer, max_tokens)
-        collector, layers = collect_stats(loaded, adapter, sequences, chosen, batch_size)
+        # before the run: --stream drops each layer's weights (and so its shapes) after it ran
+        fingerprint = model_fingerprint(config, adapter.moe_layers(loaded))
+        collector, layers = collect_stats(
+            loaded, adapter, sequences, chosen, batch_size, stream=stream, spill=spill
+        )
         scores = collector.scores()
         tokens_seen = int(sum(len(s) for s in sequences))
         metadata = {
-            "fingerprint": model_fingerprint(config, layers),
+            "fingerprint": fingerprint,
             "moe_layers": [layer.index for layer in layers],
             "model": str(model),
             "adapter": adapter.name,

@@ -110,13 +110,14 @@ def _without_unknown_model_type_warning():
         logger.removeFilter(_drop_unknown_model_type_warning)
 
 
-def load_model(model_dir):
+def load_model(model_dir, lazy: bool = False):
     """Load a model directory: ``(model, tokenizer, config)``, the model built by
-    ``model_classes`` (a plugin's architecture included; a ``model_file`` never run)."""
+    ``model_classes`` (a plugin's architecture included; a ``model_file`` never run).
+    ``lazy``: no weight is read until it is used (``mlxfun collect --stream``)."""
     config = read_config(model_dir)
     from mlx_lm.utils import load_tokenizer
 
-    model, loaded_config = load_mlx_model(model_dir)
+    model, loaded_config = load_mlx_model(model_dir, lazy=lazy)
     try:
         with _without_unknown_model_type_warning():
             tokenizer = load_tokenizer(
