@@ -273,6 +273,29 @@ class LayerRunner:
             if keep:
                 self.hidden.set(batch, out)
 
+    def module_inputs(self, index: int, module) -> list:
+        """The first argument ``module`` (a part of decoder layer ``index``) receives on every
+        batch, evaluated; the layer stops there and the hidden states stay as they are."""
+        import mlx.core as mx
+
+        seen = []
+
+        def stop(_, call, x, *args, **kwargs):
+            seen.append(x)
+            raise _Stop
+
+        layer = self.layers[index]
+        with call_hooks([(module, stop)]):
+            for batch in range(len(self.hidden)):
+                call = self.calls[batch][index]
+                try:
+                    layer(self.hidden.get(batch), *call.args, **call.kwargs)
+                except _Stop:
+                    mx.eval(seen[-1])
+                else:
+                    raise MlxfunError(f"decoder layer {index} did not call {type(module).__name__}")
+        return seen
+
     def close(self) -> None:
         self.hidden.close()
         self.calls = []
