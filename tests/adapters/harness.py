@@ -110,21 +110,27 @@ RUNNER_REFUSED = {"gemma4", "gemma4_text", "deepseek_v41", "hunyuan", "kimi_k3"}
 RUNNER_CHECKED: set = set()
 
 
-def runner_observations(model, adapter, tokens, needs=ALL_NEEDS):
-    """Every MoE layer's observations from ``runner.LayerRunner``, one layer at a time."""
-    from mlxfun.core.runner import LayerRunner
+def runner_observations(model, adapter, tokens, needs=ALL_NEEDS, stream=False):
+    """Every MoE layer's observations from ``runner.LayerRunner``, one layer at a time.
+    ``stream``: as ``collect --stream`` does, every weight outside the decoder layers is
+    dropped after the capture and each layer's after it ran (the caller restores them)."""
+    from mlxfun.core.runner import LayerRunner, release, release_outside
 
     run = LayerRunner(model, adapter, [tokens])
+    if stream:
+        release_outside(model, run.path)
     by_index = {layer.index: layer for layer in run.moe_layers}
     result = []
     for index in range(run.stop + 1):
         moe = by_index.get(index)
         if moe is None:
             run.run(index)
-            continue
-        observer = Observer(model, adapter, needs, layers=[moe])
-        with observer:
-            run.run(index, on_batch=lambda batch, o=observer: result.extend(o.observations()))
+        else:
+            observer = Observer(model, adapter, needs, layers=[moe])
+            with observer:
+                run.run(index, on_batch=lambda batch, o=observer: result.extend(o.observations()))
+        if stream:
+            release(run.layers[index])
     run.close()
     return result
 
@@ -139,13 +145,20 @@ def check_runner(model, adapter, tokens, observations):
             return
         raise AssertionError(f"{model_type}: the runner should refuse it")
     stepped = runner_observations(model, adapter, tokens)
-    assert len(stepped) == len(observations)
-    for ours, theirs in zip(stepped, observations):
-        assert ours.layer == theirs.layer
-        for field in ("selected", "weights", "norms", "outputs", "logits"):
-            np.testing.assert_array_equal(
-                getattr(ours, field), getattr(theirs, field), err_msg=f"runner: {field}"
-            )
+    # --stream: no layer needs a weight outside itself (the weights are restored afterwards)
+    weights = model.parameters()
+    try:
+        streamed = runner_observations(model, adapter, tokens, stream=True)
+    finally:
+        model.update(weights, strict=False)
+    for name, run in (("runner", stepped), ("streamed runner", streamed)):
+        assert len(run) == len(observations)
+        for ours, theirs in zip(run, observations):
+            assert ours.layer == theirs.layer
+            for field in ("selected", "weights", "norms", "outputs", "logits"):
+                np.testing.assert_array_equal(
+                    getattr(ours, field), getattr(theirs, field), err_msg=f"{name}: {field}"
+                )
     RUNNER_CHECKED.add(model_type)
 
 
