@@ -82,6 +82,20 @@ def test_streamed_collect_equals_in_memory(family, bits, dataset, tmp_path, caps
     assert_same_stats(memory, spill)
 
 
+def test_streamed_bfloat16_checkpoint(dataset, tmp_path):
+    """bfloat16 weights (cast to float32 on the CPU backend, lazily under --stream)."""
+    import mlx.core as mx
+
+    model_dir = write_model_dir(tmp_path / "model", *FAMILIES["group-limited"])
+    shard = model_dir / "model.safetensors"
+    weights = {n: v.astype(mx.bfloat16) for n, v in mx.load(str(shard)).items()}
+    mx.save_safetensors(str(shard), weights, metadata={"format": "mlx"})
+    memory = collect(model_dir, dataset, tmp_path / "memory.npz")
+    streamed = collect(model_dir, dataset, tmp_path / "stream.npz", "--stream")
+    assert memory.token_counts.sum() > 0
+    assert_same_stats(memory, streamed)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_runner_collect_equals_whole_forwards(family, bits, dataset, tmp_path):
     """The runner (one layer over every batch) against one whole forward per batch."""
