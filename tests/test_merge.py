@@ -663,3 +663,21 @@ def test_experts_that_compute_something_else_are_refused(tmp_path, calib, model_
     with pytest.raises(ream.MlxfunError, match="ream supports mlx-lm SwitchGLU"):
         run_merge(source, stats, calib, tmp_path / "out", n=2 if groups == 1 else groups)
     assert not (tmp_path / "out").exists()
+
+
+def test_architectures_the_runner_refuses_merge_with_whole_forwards(tmp_path, calib, monkeypatch):
+    """hunyuan hands its layers a shared KV: the runner refuses it, and merge captures each
+    block's input with the model run up to it, once per MoE layer."""
+    calls = []
+    real = ream.layer_inputs
+
+    def whole_forward(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(ream, "layer_inputs", whole_forward)
+    source, _ = write_dir(tmp_path / "model", "hunyuan", softmax_family.HUNYUAN)
+    stats = stats_file(source, tmp_path / "stats.npz", random_scores(source))
+    summary = run_merge(source, stats, calib, tmp_path / "merged", n=2, group_size=0)
+    assert len(calls) == 2 and len(summary["groups"]) == 2
+    assert any(m for groups in summary["groups"].values() for m in groups.values())
