@@ -104,20 +104,29 @@ def split(weights: list[tuple[str, object]], shards: int) -> list[list[tuple[str
     return groups
 
 
-def write_checkpoint(path: Path, size_bytes: float, shards: int, seed: int = 0) -> dict:
-    """A float16 qwen3_moe mlx-lm directory written shard by shard; returns its config."""
+def write_checkpoint(
+    path: Path,
+    size_bytes: float,
+    shards: int,
+    seed: int = 0,
+    dtype: str = "float16",
+    config: dict | None = None,
+) -> dict:
+    """A qwen3_moe mlx-lm directory (``dtype`` weights; ``config``, else BASE_ARGS with enough
+    layers for ``size_bytes`` of float16) written shard by shard; returns its config."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import get_total_parameters, save_config
     from mlxfun.core.models import copy_tokenizer_files
 
-    config = config_for(size_bytes)
+    config = config or config_for(size_bytes)
+    dtype, itemsize = getattr(mx, dtype), getattr(mx, dtype).size
     mx.random.seed(seed)
     model = skeleton(config)
     weights = tree_flatten(model.parameters())
     index = {
         "metadata": {
-            "total_size": sum(v.size * 2 for _, v in weights),
+            "total_size": sum(v.size * itemsize for _, v in weights),
             "total_parameters": get_total_parameters(model),
         },
         "weight_map": {},
@@ -125,7 +134,7 @@ def write_checkpoint(path: Path, size_bytes: float, shards: int, seed: int = 0) 
     groups = split(weights, shards)
     del weights, model  # each shard's arrays are evaluated, written and freed in turn
     for i in range(len(groups)):
-        shard = {name: value.astype(mx.float16) for name, value in groups[i]}
+        shard = {name: value.astype(dtype) for name, value in groups[i]}
         groups[i] = None
         name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         mx.save_safetensors(str(path / name), shard, metadata={"format": "mlx"})

@@ -319,17 +319,18 @@ def test_copies_merge_back_into_their_expert_and_merging_changes_weights(tmp_pat
 def test_later_layers_see_the_merged_earlier_ones(qwen, calib, tmp_path, monkeypatch):
     source, stats, _ = qwen[None]
     seen = []
-    real = ream.layer_inputs
+    real = ream.BlockInputs.__call__
 
-    def recording(model, block, sequences, batch_size):
-        x = real(model, block, sequences, batch_size)
-        seen.append((np.array(x), sequences))
+    def recording(self, layer):
+        x = real(self, layer)
+        seen.append((np.array(x), self.sequences))
         return x
 
-    monkeypatch.setattr(ream, "layer_inputs", recording)
+    monkeypatch.setattr(ream.BlockInputs, "__call__", recording)
     run_merge(source, stats, calib, tmp_path / "merged", n=2, group_size=0)
     prune(PruneRequest(model=source, stats=stats, output=tmp_path / "pruned", n=2))
-    monkeypatch.setattr(ream, "layer_inputs", real)
+    monkeypatch.setattr(ream.BlockInputs, "__call__", real)
+    real = ream.layer_inputs  # the whole model up to the block
     sequences = seen[2][1]
     merged, _ = mlx_lm_load(str(tmp_path / "merged"))
     pruned, _ = mlx_lm_load(str(tmp_path / "pruned"))
@@ -338,6 +339,35 @@ def test_later_layers_see_the_merged_earlier_ones(qwen, calib, tmp_path, monkeyp
     from_pruned = np.array(real(pruned, pruned.model.layers[2].mlp, sequences, 4))
     np.testing.assert_allclose(seen[2][0], from_output, rtol=1e-5, atol=1e-5)
     assert not np.allclose(seen[2][0], from_pruned, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("bits", [None, 4], ids=["f32", "4bit"])
+def test_one_pass_through_the_layers_gives_the_quadratic_merge_byte_for_byte(
+    qwen, calib, tmp_path, monkeypatch, bits
+):
+    """The runner (each decoder layer once, after the merges before it) against the model run
+    up to each block again for every layer, as merge did before the runner: same bytes."""
+    from mlxfun.core import runner
+
+    source, stats, _ = qwen[bits]
+    stepped = run_merge(source, stats, calib, tmp_path / "stepped", n=2, group_size=0)
+    calls = []
+    real = ream.layer_inputs
+
+    def whole_forward(*args):
+        calls.append(1)
+        return real(*args)
+
+    def refuse(*args, **kwargs):
+        raise runner.refusal("qwen3_moe", "refused for the test")
+
+    monkeypatch.setattr(runner, "LayerRunner", refuse)
+    monkeypatch.setattr(ream, "layer_inputs", whole_forward)
+    quadratic = run_merge(source, stats, calib, tmp_path / "quadratic", n=2, group_size=0)
+    assert len(calls) == 3  # the fallback really ran, once per MoE layer
+    assert stepped["groups"] == quadratic["groups"]
+    assert any(m for groups in stepped["groups"].values() for m in groups.values())
+    assert digest(tmp_path / "stepped") == digest(tmp_path / "quadratic")
 
 
 def test_same_inputs_same_bytes(qwen, calib, tmp_path):
@@ -633,3 +663,21 @@ def test_experts_that_compute_something_else_are_refused(tmp_path, calib, model_
     with pytest.raises(ream.MlxfunError, match="ream supports mlx-lm SwitchGLU"):
         run_merge(source, stats, calib, tmp_path / "out", n=2 if groups == 1 else groups)
     assert not (tmp_path / "out").exists()
+
+
+def test_architectures_the_runner_refuses_merge_with_whole_forwards(tmp_path, calib, monkeypatch):
+    """hunyuan hands its layers a shared KV: the runner refuses it, and merge captures each
+    block's input with the model run up to it, once per MoE layer."""
+    calls = []
+    real = ream.layer_inputs
+
+    def whole_forward(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(ream, "layer_inputs", whole_forward)
+    source, _ = write_dir(tmp_path / "model", "hunyuan", softmax_family.HUNYUAN)
+    stats = stats_file(source, tmp_path / "stats.npz", random_scores(source))
+    summary = run_merge(source, stats, calib, tmp_path / "merged", n=2, group_size=0)
+    assert len(calls) == 2 and len(summary["groups"]) == 2
+    assert any(m for groups in summary["groups"].values() for m in groups.values())

@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 from mlxfun.core import plugins
+from mlxfun.core.errors import MlxfunError
 from mlxfun.core.hooks import call_hooks
 from mlxfun.core.observe import Observer
 from mlxfun.core.stats import StatsCollector
@@ -97,7 +98,68 @@ def check_architecture(model_type: str, model, ref_route, tokens=None, atol=1e-5
 
     # 3. statistics equal a brute-force loop over tokens
     check_statistics(model, adapter, layers, inputs, observations)
+
+    # 4. the layer-sequential runner observes what the whole forward observes
+    check_runner(model, adapter, tokens, observations)
     return adapter, layers, observations
+
+
+# Architectures whose forward hands more than the hidden state from one decoder layer to the
+# next (a tuple of states): the runner refuses them in one line.
+RUNNER_REFUSED = {"gemma4", "gemma4_text", "deepseek_v41", "hunyuan", "kimi_k3"}
+RUNNER_CHECKED: set = set()
+
+
+def runner_observations(model, adapter, tokens, needs=ALL_NEEDS, stream=False):
+    """Every MoE layer's observations from ``runner.LayerRunner``, one layer at a time.
+    ``stream``: as ``collect --stream`` does, every weight outside the decoder layers is
+    dropped after the capture and each layer's after it ran (the caller restores them)."""
+    from mlxfun.core.runner import LayerRunner, release, release_outside
+
+    run = LayerRunner(model, adapter, [tokens])
+    if stream:
+        release_outside(model, run.path)
+    by_index = {layer.index: layer for layer in run.moe_layers}
+    result = []
+    for index in range(run.stop + 1):
+        moe = by_index.get(index)
+        if moe is None:
+            run.run(index)
+        else:
+            observer = Observer(model, adapter, needs, layers=[moe])
+            with observer:
+                run.run(index, on_batch=lambda batch, o=observer: result.extend(o.observations()))
+        if stream:
+            release(run.layers[index])
+    run.close()
+    return result
+
+
+def check_runner(model, adapter, tokens, observations):
+    model_type = getattr(getattr(model, "args", None), "model_type", adapter.name)
+    if model_type in RUNNER_REFUSED:
+        try:
+            runner_observations(model, adapter, tokens)
+        except MlxfunError as exc:
+            assert "\n" not in str(exc) and "cannot run it one decoder layer" in str(exc)
+            return
+        raise AssertionError(f"{model_type}: the runner should refuse it")
+    stepped = runner_observations(model, adapter, tokens)
+    # --stream: no layer needs a weight outside itself (the weights are restored afterwards)
+    weights = model.parameters()
+    try:
+        streamed = runner_observations(model, adapter, tokens, stream=True)
+    finally:
+        model.update(weights, strict=False)
+    for name, run in (("runner", stepped), ("streamed runner", streamed)):
+        assert len(run) == len(observations)
+        for ours, theirs in zip(run, observations):
+            assert ours.layer == theirs.layer
+            for field in ("selected", "weights", "norms", "outputs", "logits"):
+                np.testing.assert_array_equal(
+                    getattr(ours, field), getattr(theirs, field), err_msg=f"{name}: {field}"
+                )
+    RUNNER_CHECKED.add(model_type)
 
 
 def check_statistics(model, adapter, layers, inputs, observations):

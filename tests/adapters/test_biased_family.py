@@ -20,7 +20,14 @@ from mlxfun.core import plugins
 from mlxfun.core.errors import MlxfunError
 from mlxfun.core.observe import Observer
 
-from .harness import ALL_NEEDS, build_tiny, capture_block_inputs, check_statistics, dequantized
+from .harness import (
+    ALL_NEEDS,
+    build_tiny,
+    capture_block_inputs,
+    check_runner,
+    check_statistics,
+    dequantized,
+)
 
 BITS = [None, 4]
 TOKENS = mx.array(np.random.default_rng(1).integers(0, 256, (2, 24)))
@@ -568,6 +575,7 @@ def check(config, model, ref_route, expected_adapter, tokens=TOKENS, direct_toke
     assert len(layers) == len(observations) > 0
     compare(observations, layers, inputs, ref_route, "forward")
     check_statistics(model, adapter, layers, inputs, observations)
+    check_runner(model, adapter, tokens, observations)
 
     # 4. many more tokens straight into each block (the observer also checks that the
     # adapter's selection is the block's on every one of them)

@@ -28,6 +28,17 @@ def register(app: typer.Typer) -> None:
         ),
         batch_size: int = typer.Option(4, "--batch-size", help="Samples per forward pass."),
         seed: int = typer.Option(0, "--seed", help="Seed for subsampling and the random scorer."),
+        stream: bool = typer.Option(
+            False,
+            "--stream",
+            help="Read each decoder layer's weights just before it runs and drop them after: "
+            "peak memory about one layer plus the hidden states.",
+        ),
+        spill: Path = typer.Option(
+            None,
+            "--spill",
+            help="Directory for the hidden states (a disk memmap) instead of memory.",
+        ),
         json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
         pipeline: bool = typer.Option(
             False,
@@ -54,6 +65,8 @@ def register(app: typer.Typer) -> None:
             max_tokens=max_tokens,
             batch_size=batch_size,
             seed=seed,
+            stream=stream,
+            spill=spill,
             pipeline=pipeline,
             rank_timeout=rank_timeout,
         )

@@ -7,6 +7,7 @@ import attrs
 import numpy as np
 
 from .datasets import batches
+from .errors import MlxfunError
 from .observe import Observer
 from .stats import StatsCollector, model_fingerprint
 
@@ -19,33 +20,106 @@ def with_seed(scorers, seed: int):
     ]
 
 
-def collect_stats(model, adapter, sequences, scorers, batch_size: int = 4, progress: bool = True):
+def collect_stats(
+    model,
+    adapter,
+    sequences,
+    scorers,
+    batch_size: int = 4,
+    progress: bool = True,
+    stream: bool = False,
+    spill=None,
+):
     """Run ``sequences`` (lists of token ids) through the model, observing every MoE layer.
 
     Sequences are batched by length (right-padded, padding masked out), so the statistics do
-    not depend on how the tokens were batched. Returns ``(collector, fingerprint_layers)``.
+    not depend on how the tokens were batched. The model runs one decoder layer at a time over
+    every batch (``runner.LayerRunner``), up to the last MoE layer: no later layer, LM head or
+    KV cache. ``stream``: the model was loaded lazily; each layer's weights are read as it
+    runs and dropped after it (``runner.release``). ``spill``: a directory for the hidden
+    states. An architecture the runner cannot step through is run whole (one forward per
+    batch), unless ``stream`` or ``spill`` asks for the runner. Returns
+    ``(collector, fingerprint_layers)``.
     """
-    import mlx.core as mx
-    from tqdm import tqdm
-
     layers = adapter.moe_layers(model)
     num_experts = max(layer.num_experts for layer in layers)
     collector = StatsCollector(scorers, len(layers), num_experts)
-    observer = Observer(model, adapter, collector.needs)
     ordered = sorted(sequences, key=len, reverse=True)
-    total = sum(len(s) for s in ordered)
-    bar = tqdm(total=total, unit="tok", disable=not progress, desc="collect", dynamic_ncols=True)
+    batched = list(batches(ordered, batch_size))
+    try:
+        run = _layer_run(model, adapter, batched, stream, spill)
+    except MlxfunError:
+        if stream or spill is not None:
+            raise
+        run = None
+    if run is None:
+        _forward_collect(model, adapter, batched, collector, progress)
+    else:
+        _runner_collect(run, model, adapter, batched, collector, progress, stream)
+    return collector, layers
+
+
+def _layer_run(model, adapter, batched, stream: bool, spill):
+    import mlx.core as mx
+
+    from .runner import LayerRunner, release_outside
+
+    run = LayerRunner(model, adapter, [mx.array(t) for t, _ in batched], spill=spill)
+    if stream:
+        release_outside(model, run.path)
+    return run
+
+
+def _progress(total: int, progress: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tok", disable=not progress, desc="collect", dynamic_ncols=True)
+
+
+def _runner_collect(run, model, adapter, batched, collector, progress, stream) -> None:
+    from .runner import release
+
+    by_index = {layer.index: layer for layer in run.moe_layers}
+    tokens = sum(int(mask.sum()) for _, mask in batched)
+    bar = _progress(tokens * len(by_index), progress)
+    try:
+        with bar:
+            for index in range(run.stop + 1):
+                moe = by_index.get(index)
+                if moe is None:
+                    run.run(index)
+                else:
+                    observer = Observer(model, adapter, collector.needs, layers=[moe])
+
+                    def observe(batch, observer=observer):
+                        mask = batched[batch][1]
+                        collector.update(observer.observations(mask))
+                        bar.update(int(mask.sum()))
+
+                    with observer:
+                        run.run(index, on_batch=observe)
+                if stream:
+                    release(run.layers[index])
+    finally:
+        run.close()
+
+
+def _forward_collect(model, adapter, batched, collector, progress) -> None:
+    """The whole model per batch (architectures the runner cannot step through)."""
+    import mlx.core as mx
+
+    observer = Observer(model, adapter, collector.needs)
+    bar = _progress(sum(int(mask.sum()) for _, mask in batched), progress)
     start = time.perf_counter()
     samples = 0
     with bar, observer:
-        for tokens, mask in batches(ordered, batch_size):
+        for tokens, mask in batched:
             model(mx.array(tokens))  # only the MoE observations are evaluated
             collector.update(observer.observations(mask))
             samples += tokens.shape[0]
             bar.update(int(mask.sum()))
             elapsed = time.perf_counter() - start
             bar.set_postfix(samples=samples, tok_s=f"{bar.n / max(elapsed, 1e-9):.0f}")
-    return collector, layers
 
 
 @attrs.define(kw_only=True)
@@ -61,6 +135,10 @@ class CollectRequest:
     batch_size: int = 4
     seed: int = 0
     progress: bool = True
+    stream: bool = False  # read each layer's weights as it runs, drop them after
+    spill: Path | None = attrs.field(
+        default=None, converter=lambda p: None if p is None else Path(p)
+    )
     pipeline: bool = False  # under mlx.launch: split the decoder layers, not the data
     rank_timeout: float = 600.0  # under mlx.launch: seconds to wait for the other ranks
 
@@ -83,14 +161,21 @@ def collect(request: CollectRequest) -> dict | None:
 
     if request.max_tokens <= 0 or request.batch_size <= 0:
         raise MlxfunError("--max-tokens and --batch-size must be positive")
+    if request.pipeline and (request.stream or request.spill is not None):
+        raise MlxfunError(
+            "--pipeline already splits the layers over the ranks and runs them whole; "
+            "drop --stream / --spill, or drop --pipeline to stream on every rank"
+        )
     ranks = distributed.join(request.rank_timeout)
     if ranks.writes:
         check_output_file(request.output, inputs=[request.model, *request.datasets])
+    if request.spill is not None:
+        _check_spill(request.spill)  # one-line error now, not after loading the model
     adapter = plugins.adapter_for_config(read_config(request.model))
     names = plugins.plugin_names("scorer") if request.scorers is None else request.scorers
     chosen = with_seed([plugins.get_scorer(n) for n in names], request.seed)
     samples = load_samples(request.datasets, max_samples=request.max_samples, seed=request.seed)
-    loaded, tokenizer, config = load_model(request.model, lazy=request.pipeline)
+    loaded, tokenizer, config = load_model(request.model, lazy=request.pipeline or request.stream)
     sequences = tokenize_samples(samples, tokenizer, request.max_tokens)
     collector, fingerprint = _collect_ranks(
         request, ranks, loaded, config, adapter, chosen, sequences
@@ -144,13 +229,32 @@ def _collect_ranks(request, ranks, model, config, adapter, scorers, sequences):
         return distributed.collect_pipelined(
             model, config, adapter, sequences, scorers, request.batch_size, ranks
         )
+    # before the run: --stream drops each layer's weights (and so its shapes) after it ran
+    fingerprint = model_fingerprint(config, adapter.moe_layers(model))
     mine = distributed.share(sequences, request.batch_size, ranks)
     progress = request.progress and ranks.writes
-    collector, layers = collect_stats(
-        model, adapter, mine, scorers, request.batch_size, progress=progress
+    collector, _ = collect_stats(
+        model,
+        adapter,
+        mine,
+        scorers,
+        request.batch_size,
+        progress=progress,
+        stream=request.stream,
+        spill=request.spill,
     )
     distributed.combine_ranks(ranks, collector, scorers)
-    return collector, model_fingerprint(config, layers)
+    return collector, fingerprint
+
+
+def _check_spill(directory: Path) -> None:
+    import os
+
+    from .runner import spill_file
+
+    fd, probe = spill_file(directory)
+    os.close(fd)
+    os.unlink(probe)
 
 
 def layer_summary(stats_scores: dict, token_counts, layers_index, top_k) -> list[dict]:

@@ -31,11 +31,18 @@ class Observer:
     """Use as ``with Observer(model, adapter, needs) as obs: model(tokens)``, then
     ``obs.observations(mask)`` gives one ``LayerObservation`` per MoE layer."""
 
-    def __init__(self, model, adapter: MoEAdapter, needs=frozenset({"selected", "weights"})):
+    def __init__(
+        self,
+        model,
+        adapter: MoEAdapter,
+        needs=frozenset({"selected", "weights"}),
+        layers: list[MoELayer] | None = None,
+    ):
         self.model = model
         self.adapter = adapter
         self.needs = frozenset(needs)
-        self.layers: list[MoELayer] = adapter.moe_layers(model)
+        # ``layers``: observe only these MoE layers (the runner observes one at a time)
+        self.layers: list[MoELayer] = adapter.moe_layers(model) if layers is None else layers
         if not self.layers:
             raise ValueError(f"{adapter.name}: found no MoE layers in this model")
         self.records = [_Record() for _ in self.layers]

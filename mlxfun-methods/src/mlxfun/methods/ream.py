@@ -8,7 +8,10 @@ weights (same dtype, same shape, same byte range). A group that holds only its c
 never touched, so it is the prune result byte for byte.
 
 Per MoE layer, in order, on one token sample (``max_tokens``):
-1. the layer's input is captured with the merged model so far (earlier layers merged);
+1. the layer's input is captured with the merged model so far (earlier layers merged): the
+   calibration batches step through the decoder layers once (``mlxfun.core.runner``), each
+   layer running after the merges before it, so the whole merge costs one pass through the
+   layers (architectures the runner cannot step through run the model up to each block);
 2. every expert of the source layer is evaluated on every sampled token, from its dequantized
    float32 weights and the experts module's own activation;
 3. similarity = mean of output similarity (cosine of mean_x p_j(x) f_j(x), mapped to [0, 1],
@@ -411,7 +414,7 @@ def token_sample(sequences, max_tokens: int) -> list[list[int]]:
 
 def layer_inputs(model, block, sequences, batch_size: int):
     """The block's input on every real token of ``sequences`` (tokens, hidden) float32; the
-    forward stops at the block."""
+    forward stops at the block (for architectures the layer runner cannot step through)."""
     import mlx.core as mx
     from mlxfun.core.datasets import batches
     from mlxfun.core.hooks import call_hooks
@@ -436,6 +439,46 @@ def layer_inputs(model, block, sequences, batch_size: int):
         mx.eval(x)
         pieces.append(x)
     return mx.concatenate(pieces, axis=0)
+
+
+class BlockInputs:
+    """The input of each MoE block on every real token of ``sequences`` (tokens, hidden)
+    float32, the layers before it as they are now (merged). Call it for the MoE layers in
+    order: the runner steps the batches through the decoder layers between two calls, once."""
+
+    def __init__(self, model, adapter, sequences, batch_size: int):
+        import mlx.core as mx
+        from mlxfun.core.datasets import batches
+        from mlxfun.core.runner import LayerRunner
+
+        self.model, self.sequences, self.batch_size = model, sequences, batch_size
+        self.masks = [mask for _, mask in batches(sequences, batch_size)]
+        tokens = [mx.array(t) for t, _ in batches(sequences, batch_size)]
+        try:
+            self.runner = LayerRunner(model, adapter, tokens)
+        except MlxfunError:  # not steppable: the model up to each block (quadratic in depth)
+            self.runner = None
+        self.next = 0
+
+    def __call__(self, layer):
+        import mlx.core as mx
+
+        if self.runner is None:
+            return layer_inputs(self.model, layer.block, self.sequences, self.batch_size)
+        while self.next < layer.index:
+            self.runner.run(self.next)
+            self.next += 1
+        pieces = []
+        for x, mask in zip(self.runner.module_inputs(layer.index, layer.block), self.masks):
+            x = x.astype(mx.float32)
+            x = x.reshape(-1, x.shape[-1])[mx.array(np.flatnonzero(mask.reshape(-1)))]
+            mx.eval(x)
+            pieces.append(x)
+        return mx.concatenate(pieces, axis=0)
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
 
 
 def full_router_scores(model, adapter, layer, plan, tensors: dict, x):
@@ -610,7 +653,7 @@ def _merge_into(plan, directory: Path, samples, request: MergeRequest) -> dict:
         directory=directory,
         source_headers=slicing.read_headers(plan.source),
         out_headers=slicing.read_headers(directory),
-        sequences=sequences,
+        block_inputs=BlockInputs(model, plan.adapter, sequences, request.batch_size),
         align_index=np.sort(rng.permutation(total_tokens)[: request.align_tokens]),
     )
     groups_out, saliency_out, rows, timings = {}, {}, [], []
@@ -628,6 +671,7 @@ def _merge_into(plan, directory: Path, samples, request: MergeRequest) -> dict:
         groups_out[str(plan_layer.index)] = {str(c): m for c, m in groups.items()}
         saliency_out[str(plan_layer.index)] = [float(s) for s in saliency]
         rows.append(_layer_row(plan_layer, keep, groups, elapsed))
+    run.block_inputs.close()
     del model, run
     provenance = _ream_provenance(request, total_tokens, groups_out, saliency_out, quantization)
     return {"provenance": provenance, "rows": rows, "timings": timings}
@@ -636,7 +680,8 @@ def _merge_into(plan, directory: Path, samples, request: MergeRequest) -> dict:
 @attrs.define(kw_only=True)
 class _MergeRun:
     """What every layer's merge reads: the plan and request, the pruned model loaded from the
-    output directory, both checkpoints' headers and the calibration tokens."""
+    output directory, both checkpoints' headers and the blocks' inputs on the calibration
+    tokens."""
 
     plan: object
     request: MergeRequest
@@ -644,7 +689,7 @@ class _MergeRun:
     directory: Path
     source_headers: dict
     out_headers: dict
-    sequences: list
+    block_inputs: BlockInputs
     align_index: np.ndarray
 
 
@@ -678,7 +723,7 @@ def _merge_layer_into(run: _MergeRun, plan_layer, mem_layer, saliency: np.ndarra
         leave=False,
     )
     with bar:
-        x = layer_inputs(model, mem_layer.block, run.sequences, request.batch_size)
+        x = run.block_inputs(mem_layer)
         bar.update(1)
         tensors = _source_tensors(plan.source, run.source_headers, names)
         weights = _dequantized_experts(tensors, plan_layer.prefixes[0], experts)
