@@ -174,6 +174,22 @@ def test_counts_equal_numpy_routing(model_dir, data, records):
         np.testing.assert_array_equal(routed[part][0], counts[part])
 
 
+def test_long_prompts_are_cut_before_their_continuation(qwen, data):
+    from mlxfun.core.datasets import load_samples
+
+    model, tokenizer, _ = load_model(qwen[0])
+    request = _request(qwen[0], (), response_tokens=3, max_tokens=4, chat=False)
+    for seq in scan_mod.build_sequences(
+        load_samples([data["plain"]]), model, tokenizer, request, ""
+    ):
+        assert seq.prompt_len == 4 and 0 < seq.response_len <= 3
+    request = _request(qwen[0], (), max_tokens=12)
+    for seq in scan_mod.build_sequences(
+        load_samples([data["harmful"]]), model, tokenizer, request, ""
+    ):
+        assert len(seq.ids) == 12  # chat records: the whole conversation is cut
+
+
 def test_report_scores_equal_numpy(model_dir, data, tmp_path):
     sets = (data["harmful"], data["plain"])
     out = tmp_path / "report.json"

@@ -138,7 +138,7 @@ def heatmap(report: dict, path: Path) -> None:
     parts = list(report["parts"])
     layers = report["moe_layers"]
     width = max(report["num_experts"])
-    size = (min(24, max(6, width * 0.35)), min(16, max(3, len(layers) * 0.35)) * len(parts))
+    size = (min(24, max(7, width * 0.35)), min(16, max(3, len(layers) * 0.35)) * len(parts))
     fig, axes = plt.subplots(len(parts), 1, figsize=size, squeeze=False)
     try:
         for ax, part in zip(axes[:, 0], parts):
@@ -166,7 +166,7 @@ def heatmap(report: dict, path: Path) -> None:
                             plt.Rectangle((e - 0.5, y - 0.5), 1, 1, fill=False, lw=1.5, ec="k")
                         )
             a, b = list(report["sets"])
-            ax.set_title(f"{part} tokens: risk difference {a} - {b} (boxed: selected)")
+            ax.set_title(f"{part} tokens: {a} - {b} (boxed: selected)", fontsize=10)
             ax.set_xlabel("expert")
             ax.set_ylabel("MoE layer")
             step = max(1, len(layers) // 32)

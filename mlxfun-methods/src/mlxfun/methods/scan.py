@@ -163,9 +163,9 @@ def greedy_ids(model, ids: list[int], max_tokens: int, eos: set) -> list[int]:
 
 
 def build_sequences(samples, model, tokenizer, request: ScanRequest, desc: str) -> list:
-    """One ``Sequence`` per record: chat records keep their assistant answer (the whole
-    sequence cut to ``max_tokens``), plain prompts are cut to ``max_tokens`` and continued
-    greedily for ``response_tokens``."""
+    """One ``Sequence`` per record: chat records (and prompt/completion records) keep their
+    answer, the whole sequence cut to ``max_tokens``; plain prompts are cut to ``max_tokens``
+    and continued greedily for up to ``response_tokens`` more."""
     from tqdm import tqdm
 
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
@@ -176,8 +176,9 @@ def build_sequences(samples, model, tokenizer, request: ScanRequest, desc: str) 
             raise MlxfunError(f"{sample.source}: the prompt has no tokens")
         if response is None:
             prompt = prompt[: request.max_tokens]
-            response = greedy_ids(model, prompt, request.response_tokens, eos)
-        ids = (prompt + response)[: max(request.max_tokens, 1)]
+            ids = prompt + greedy_ids(model, prompt, request.response_tokens, eos)
+        else:
+            ids = (prompt + response)[: request.max_tokens]
         sequences.append(
             Sequence(ids=ids, prompt_len=min(len(prompt), len(ids)), source=sample.source)
         )
