@@ -401,3 +401,12 @@ def test_bad_input_is_one_line(qwen, data, report, tmp_path, capsys):
 def test_domain_kind_names_its_groups():
     assert DOMAIN.sets == ("domain", "general")
     assert set(DOMAIN.groups) == {"domain_prompt", "domain_response"}
+
+
+def test_response_tokens_zero_scans_prompts_only(qwen, data):
+    request = ScanRequest(
+        kind=DOMAIN, model=qwen[0], sets=(data["plain"], data["text"]), response_tokens=0
+    )
+    report = scan_mod.scan(request)
+    assert list(report["parts"]) == ["prompt"] and list(report["groups"]) == ["domain_prompt"]
+    assert report["sets"]["domain"]["tokens"]["response"] == 0
