@@ -17,15 +17,16 @@ scores it selects experts by, so that the block's own code does the rest of its 
   ``MoEAdapter.router_logits``) and the gate module's call returns the adapter's routing of
   the biased logits (the adapter repeats the block's routing exactly).
 
-``router_bias_context(model, adapter, {position: b})`` installs biases for a ``with`` block;
+``install_router_biases(model, adapter, {position: b})`` installs biases and returns the
+function that removes them; ``router_bias_context`` does the same for a ``with`` block;
 observation (``core.observe.Observer``) inside it sees the steered routing, since the adapter's
 recomputation goes through the same hooked router, patched correction bias or registered bias.
 """
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 from .adapter import MoEAdapter, MoELayer, get_path
-from .hooks import call_hooks, router_biases
+from .hooks import install_hooks, register_router_biases
 
 POINTS = ("correction", "router", "gate")
 
@@ -74,17 +75,17 @@ def _gate_hook(adapter, block):
     return wrapper
 
 
-@contextmanager
-def router_bias_context(
+def install_router_biases(
     model, adapter: MoEAdapter, biases: dict, layers=None, removal: float | None = -1e8
 ):
     """Add ``biases[position]`` (a float32 array, one value per expert the router can pick) to
-    the routing of those MoE layers for the duration of the block; ``layers`` are the model's
-    MoE layers when the caller has them. Values at or below ``removal`` remove the expert: at
-    the ``correction`` point they also go on the router's logits when the router is a module,
-    so that a softmax router's scores are normalised without it, as if it were pruned (a raw
+    the routing of those MoE layers now; returns the function that restores the model exactly
+    (``router_bias_context`` is the same as a ``with`` block). ``layers``: the model's MoE
+    layers when the caller has them. Values at or below ``removal`` remove the expert: at the
+    ``correction`` point they also go on the router's logits when the router is a module, so
+    that a softmax router's scores are normalised without it, as if it were pruned (a raw
     array router with a correction bias, the DeepSeek-V3 family, is sigmoid-scored, where
-    removal from the selection suffices). Everything is restored on exit, also on error."""
+    removal from the selection suffices)."""
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -118,15 +119,31 @@ def router_bias_context(
             gate = get_path(layer.block, gate_path) if gate_path else layer.block
             registered.append((layer.block, bias))
             hooks.append((gate, _gate_hook(adapter, layer.block)))
-    with ExitStack() as stack:
-        stack.enter_context(router_biases(registered))
-        stack.enter_context(call_hooks(hooks))
-        stack.callback(_restore, patches)
-        for owner, attr, _, steered in patches:
-            setattr(owner, attr, steered)
+    unregister = register_router_biases(registered)
+    try:
+        unhook = install_hooks(hooks)
+    except BaseException:
+        unregister()
+        raise
+    for owner, attr, _, steered in patches:
+        setattr(owner, attr, steered)
+
+    def restore():
+        for owner, attr, value, _ in reversed(patches):
+            setattr(owner, attr, value)
+        patches.clear()
+        unhook()
+        unregister()
+
+    return restore
+
+
+@contextmanager
+def router_bias_context(model, adapter: MoEAdapter, biases: dict, layers=None, **options):
+    """``install_router_biases`` for the duration of the block; restored on exit, also on
+    error."""
+    restore = install_router_biases(model, adapter, biases, layers, **options)
+    try:
         yield
-
-
-def _restore(patches):
-    for owner, attr, value, _ in reversed(patches):
-        setattr(owner, attr, value)
+    finally:
+        restore()

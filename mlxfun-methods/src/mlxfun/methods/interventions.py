@@ -29,11 +29,9 @@ class SteerIntervention:
     )
 
     def apply(self, model, adapter, **options):
-        from .steer import steering
+        from .steer import install_steering
 
-        context = steering(model, _spec(self.name, options), adapter, options.get("config"))
-        context.__enter__()
-        return lambda: context.__exit__(None, None, None)
+        return install_steering(model, _spec(self.name, options), adapter, options.get("config"))
 
 
 INTERVENTIONS = [SteerIntervention()]

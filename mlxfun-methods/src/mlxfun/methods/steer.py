@@ -252,21 +252,29 @@ def check_spec_fingerprint(spec: SteeringSpec, model, adapter, layers, config: d
         )
 
 
+def install_steering(model, spec, adapter=None, config: dict | None = None):
+    """Install the spec's biases in the model's routing now; returns the function that removes
+    them (the ``steer`` intervention's ``apply``). Arguments as for ``steering``."""
+    from mlxfun.core.router_bias import install_router_biases
+
+    spec = as_spec(spec)
+    adapter = adapter or adapter_of(model, config)
+    layers = adapter.moe_layers(model)
+    check_spec_fingerprint(spec, model, adapter, layers, config)
+    return install_router_biases(model, adapter, layer_biases(spec, layers), layers)
+
+
 @contextmanager
 def steering(model, spec, adapter=None, config: dict | None = None):
     """``with steering(model, spec): mlx_lm.generate(model, ...)``: the spec's biases enter the
     model's routing for the duration of the block (nothing is left behind afterwards).
     ``spec``: a ``SteeringSpec``, its JSON as a dict, or a path; ``config``: the model's
     config.json (to check the spec's fingerprint fully and find the adapter)."""
-    from mlxfun.core.router_bias import router_bias_context
-
-    spec = as_spec(spec)
-    adapter = adapter or adapter_of(model, config)
-    layers = adapter.moe_layers(model)
-    check_spec_fingerprint(spec, model, adapter, layers, config)
-    biases = layer_biases(spec, layers)
-    with router_bias_context(model, adapter, biases, layers):
+    restore = install_steering(model, spec, adapter, config)
+    try:
         yield
+    finally:
+        restore()
 
 
 # ---------------------------------------------------------------------------------------------
