@@ -244,23 +244,39 @@ def test_a_spec_for_another_model_is_refused(tmp_path):
 
 
 def test_spec_from_a_scan_report():
+    """The scans' report format (docs/scans.md): groups map decoder layers to experts; --top
+    ranks them model-wide by the group part's selection share, then risk difference."""
     report = {
-        "scan": "safety",
+        "format": 1,
+        "scan": "safety-scan",
         "fingerprint": {"model_type": "qwen3_moe"},
+        "moe_layers": [1, 3],
+        "parts": {
+            "response": {
+                "selection_frequency": [
+                    [0, 0, 0.9, 0, 0, 0, 0, 1.0],
+                    [0, 1.0, 0, 0, 0, 0.95, 0, 0],
+                ],
+                "risk_difference": [[0, 0, 0.2, 0, 0, 0, 0, 0.1], [0, 0.3, 0, 0, 0, 0.5, 0, 0]],
+            }
+        },
         "groups": {
-            "control": [{"layer": 3, "expert": 5}, {"layer": 1, "expert": 2}, [3, 1], [1, 7]],
-            "detect": {"experts": [{"layer": 1, "expert": 0}]},
+            "control": {"part": "response", "experts": {"1": [2, 7], "3": [1, 5]}},
+            "detection": {"part": "prompt", "experts": {"1": [0], "3": []}},
         },
     }
     spec = spec_from_report(report, "control", 3, "mask")
+    # ranked: (3,1) 1.0/0.3, (1,7) 1.0/0.1, (3,5) 0.95, (1,2) 0.9
     assert [r.to_json() for r in spec.rules] == [
-        {"layer": 1, "experts": [2], "mode": "mask"},
+        {"layer": 1, "experts": [7], "mode": "mask"},
         {"layer": 3, "experts": [1, 5], "mode": "mask"},
     ]
     assert spec.fingerprint == {"model_type": "qwen3_moe"}
-    assert spec_from_report(report, "detect", None, "bias", 2.0).rules[0].bias == 2.0
-    with pytest.raises(MlxfunError, match="no group 'refuse'; its groups: control, detect"):
+    assert spec_from_report(report, "detection", None, "bias", 2.0).rules[0].bias == 2.0
+    with pytest.raises(MlxfunError, match="no group 'refuse'; its groups: control, detection"):
         spec_from_report(report, "refuse", 3, "mask")
+    hand = {"groups": {"code": [{"layer": 3, "expert": 5}, [1, 2]]}}
+    assert [r.layer for r in spec_from_report(hand, "code", None, "force").rules] == [1, 3]
 
 
 # ---------------------------------------------------------------------------------------------

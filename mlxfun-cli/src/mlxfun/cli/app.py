@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "stats_cmd",
     "prune_cmd",
     "steer_cmd",
+    "amplify_cmd",
     "merge_cmd",
     "check_cmd",
 )

@@ -60,6 +60,37 @@ def bias_point(adapter: MoEAdapter, layer: MoELayer) -> str:
     return "router" if isinstance(router, nn.Module) else "gate"
 
 
+def normalised_scores(adapter: MoEAdapter, layer: MoELayer) -> bool:
+    """Whether one expert's logit changes the others' router scores (a softmax over the
+    experts), probed on zero logits; a sigmoid router's scores are per expert."""
+    import mlx.core as mx
+
+    zero = mx.zeros((1, layer.num_experts), dtype=mx.float32)
+    low = mx.concatenate([mx.array([[-1e9]], dtype=mx.float32), zero[:, 1:]], axis=-1)
+    a = adapter.router_scores(layer.block, zero)[..., 1:]
+    b = adapter.router_scores(layer.block, low)[..., 1:]
+    return not mx.allclose(a, b).item()
+
+
+def removal_logits(adapter: MoEAdapter, layer: MoELayer, bias, removal=-1e8):
+    """At the ``correction`` point, the logit bias that also takes removed experts (bias at or
+    below ``removal``) out of a softmax router's normalisation, as if they were pruned; None
+    when nothing needs it (no removal, sigmoid scores, or a router that is not a module: the
+    raw-array routers with a correction bias, the DeepSeek-V3 family, are sigmoid-scored)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    if removal is None:
+        return None
+    bias = mx.array(bias, dtype=mx.float32)
+    removed = mx.where(bias <= removal, bias, 0.0)
+    if not mx.any(removed).item():
+        return None
+    if not isinstance(get_path(layer.block, adapter.router_attr), nn.Module):
+        return None
+    return removed if normalised_scores(adapter, layer) else None
+
+
 def _router_hook(bias):
     def wrapper(module, call, x, *args, **kwargs):
         out = call(x, *args, **kwargs)
@@ -87,7 +118,6 @@ def install_router_biases(
     array router with a correction bias, the DeepSeek-V3 family, is sigmoid-scored, where
     removal from the selection suffices)."""
     import mlx.core as mx
-    import mlx.nn as nn
 
     layers = adapter.moe_layers(model) if layers is None else layers
     hooks, registered, patches = [], [], []
@@ -105,13 +135,9 @@ def install_router_biases(
             owner, attr, value = correction_bias(adapter, layer.block)
             steered = (value.astype(mx.float32) + bias).astype(value.dtype)
             patches.append((owner, attr, value, steered))
-            # A removed expert also leaves the scores' normalisation (a softmax router whose
-            # weights are not renormalised over the top-k): its logit gets the same bias.
-            router = get_path(layer.block, adapter.router_attr)
-            if removal is not None and isinstance(router, nn.Module):
-                removed = mx.where(bias <= removal, bias, 0.0)
-                if mx.any(removed).item():
-                    hooks.append((router, _router_hook(removed)))
+            removed = removal_logits(adapter, layer, bias, removal)
+            if removed is not None:
+                hooks.append((get_path(layer.block, adapter.router_attr), _router_hook(removed)))
         elif point == "router":
             hooks.append((get_path(layer.block, adapter.router_attr), _router_hook(bias)))
         else:

@@ -34,4 +34,23 @@ class SteerIntervention:
         return install_steering(model, _spec(self.name, options), adapter, options.get("config"))
 
 
-INTERVENTIONS = [SteerIntervention()]
+@attrs.define(frozen=True)
+class AmplifyIntervention:
+    """Writes a steering spec's biases into the loaded model's router weights (correction
+    biases, router biases); permanent, so ``apply`` returns None. ``mlxfun amplify`` writes the
+    same edits into a checkpoint."""
+
+    name: str = "amplify"
+    description: str = (
+        "gate amplification: a steering spec written into the router weights (correction or "
+        "router bias), applied by stock mlx-lm with no hooks"
+    )
+
+    def apply(self, model, adapter, **options):
+        from .amplify import amplify_in_memory
+
+        amplify_in_memory(model, _spec(self.name, options), adapter, options.get("config"))
+        return None
+
+
+INTERVENTIONS = [SteerIntervention(), AmplifyIntervention()]
