@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "amplify_cmd",
     "merge_cmd",
     "check_cmd",
+    "scan_cmd",
 )
 
 
