@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "inspect_cmd",
     "stats_cmd",
     "prune_cmd",
+    "steer_cmd",
+    "amplify_cmd",
     "merge_cmd",
     "check_cmd",
     "scan_cmd",
