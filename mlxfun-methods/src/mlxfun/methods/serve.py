@@ -243,12 +243,17 @@ def _handler_class(state: ServerState):
                 raise RequestError("the request body must be a JSON object")
             return body
 
+        def _static(self) -> bool:
+            """The dashboard's files: public (they hold no data; every API call is checked)."""
+            path = urlparse(self.path).path
+            if path not in STATIC:
+                return False
+            name, kind = STATIC[path]
+            self.reply(200, (DASHBOARD / name).read_bytes(), kind)
+            return True
+
         def _route(self, method: str) -> bool:
             url = urlparse(self.path)
-            if method == "GET" and url.path in STATIC:
-                name, kind = STATIC[url.path]
-                self.reply(200, (DASHBOARD / name).read_bytes(), kind)
-                return True
             if not url.path.startswith("/v1/mlxfun/"):
                 return False
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
@@ -265,7 +270,7 @@ def _handler_class(state: ServerState):
             return True
 
         def do_GET(self):
-            if self._authorized() and not self._route("GET"):
+            if not self._static() and self._authorized() and not self._route("GET"):
                 super().do_GET()
 
         def do_POST(self):
