@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "inspect_cmd",
     "stats_cmd",
     "prune_cmd",
+    "steer_cmd",
     "merge_cmd",
     "check_cmd",
     "serve_cmd",
