@@ -187,3 +187,42 @@ def test_heatmap_screenshot(page, setup):
     _load_file(page, setup[2])
     page.select_option("#scorer", "reap")
     _shot(page, "dashboard-heatmap.png")
+
+
+def test_toggling_a_mask_changes_the_routing_counters(page, setup):
+    import numpy as np
+
+    server = setup[0]
+
+    def ask():
+        server.call("POST", "/v1/mlxfun/stats/reset", {})
+        page.locator(".answer[data-kind]").evaluate_all("els => els.forEach(e => e.remove())")
+        page.click("#chat-send")
+        page.wait_for_selector(".answer[data-kind]")
+        return np.array(server.call("GET", "/v1/mlxfun/stats")[1]["scores"]["frequency"])
+
+    page.click('nav button[data-tab="chat"]')
+    page.fill("#chat-input", "Tell me about rivers.")
+    page.fill("#chat-max", "6")
+    before = ask()
+    expert = int(np.argmax(before[1]))  # the busiest expert of MoE layer 1
+    assert before[1, expert] > 0
+    page.select_option("#steer-layer", "1")
+    page.fill("#steer-expert", str(expert))
+    page.select_option("#steer-mode", "mask")
+    page.click("#steer-add")
+    page.click("#steer-apply")
+    page.wait_for_function("document.querySelector('#message').textContent === 'steering applied'")
+    assert server.call("GET", "/v1/mlxfun/steer")[1]["spec"]["rules"] == [
+        {"layer": 1, "experts": [expert], "mode": "mask"}
+    ]
+    masked = ask()
+    assert masked[1, expert] == 0 and masked[1].sum() == before[1].sum()
+    page.check("#chat-compare")
+    page.locator(".answer[data-kind]").evaluate_all("els => els.forEach(e => e.remove())")
+    page.click("#chat-send")
+    page.wait_for_selector('.answer[data-kind="unsteered"]')
+    _shot(page, "dashboard-steering.png")
+    page.click("#steer-clear")
+    page.wait_for_function("document.querySelector('#message').textContent === 'steering cleared'")
+    assert ask()[1, expert] > 0

@@ -306,3 +306,79 @@ def test_non_loopback_host_needs_an_api_key(model_dir, tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "--api-key" in err and "Traceback" not in err
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"rules": []}')
+    assert main(["serve", "--model", str(model_dir), "--spec", str(spec)]) == 1
+    assert "no rules" in capsys.readouterr().err
+
+
+def _top_experts(server, layer_position, count):
+    frequency = np.array(server.call("GET", "/v1/mlxfun/stats")[1]["scores"]["frequency"])
+    return [int(e) for e in np.argsort(-frequency[layer_position], kind="stable")[:count]]
+
+
+def test_steering_masks_change_routing_as_run_time_steering_does(server, loaded):
+    from mlxfun.core import plugins
+    from mlxfun.core.collect import collect_stats
+    from mlxfun.methods.steer import steering
+
+    model, tokenizer, config = loaded
+    adapter = plugins.adapter_for_config(config)
+    server.call("POST", "/v1/mlxfun/stats/reset", {})
+    server.call("POST", "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 6})
+    masked = _top_experts(server, 0, 2)
+    spec = {"rules": [{"layer": 0, "experts": masked, "mode": "mask"}]}
+    status, answer = server.call("POST", "/v1/mlxfun/steer", spec)
+    assert status == 200 and answer["spec"]["rules"][0]["experts"] == masked
+    assert server.call("GET", "/v1/mlxfun/steer")[1]["spec"]["rules"][0]["mode"] == "mask"
+    server.call("POST", "/v1/mlxfun/stats/reset", {})
+    sequences, texts = [], []
+    for prompt in PROMPTS[:2]:
+        status, body = server.call("POST", "/v1/completions", {"prompt": prompt, "max_tokens": 6})
+        assert status == 200, body
+        texts.append(body["choices"][0]["text"])
+        prompt_tokens = tokenizer.encode(prompt)
+        with steering(model, spec, adapter, config):
+            tokens, text = _generated(loaded, prompt_tokens, 6)
+        assert texts[-1] == text
+        sequences.append(prompt_tokens + tokens)
+    live = server.call("GET", "/v1/mlxfun/stats")[1]
+    scorers = [plugins.get_scorer(n) for n in ("frequency", "reap")]
+    with steering(model, spec, adapter, config):
+        collector, _ = collect_stats(model, adapter, sequences, scorers, progress=False)
+    expected = collector.scores()
+    frequency = np.array(live["scores"]["frequency"])
+    np.testing.assert_array_equal(frequency, expected["frequency"])
+    np.testing.assert_allclose(np.array(live["scores"]["reap"]), expected["reap"], rtol=1e-4)
+    assert frequency[0, masked].tolist() == [0.0, 0.0] and frequency[1].sum() > 0
+
+    # one request unsteered (its own spec: none), while the active spec stays
+    status, plain = server.call(
+        "POST", "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 6, "mlxfun_steer": None}
+    )
+    assert plain["choices"][0]["text"] == _generated(loaded, tokenizer.encode(PROMPTS[0]), 6)[1]
+    assert server.call("DELETE", "/v1/mlxfun/steer")[1] == {"spec": None}
+    status, after = server.call("POST", "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 6})
+    assert after["choices"][0]["text"] == plain["choices"][0]["text"]
+
+
+def test_bad_steering_specs_are_4xx(server):
+    bad = [
+        {"rules": [{"layer": 7, "experts": [0], "mode": "mask"}]},  # no such layer
+        {"rules": [{"layer": 0, "experts": [99], "mode": "mask"}]},  # no such expert
+        {
+            "rules": [
+                {"layer": "all", "experts": [1], "mode": "mask"},
+                {"layer": 0, "experts": [1], "mode": "force"},
+            ]
+        },  # fmt: skip
+        {"rules": [{"layer": 0, "experts": [0], "mode": "nope"}]},
+        {"nothing": 1},
+    ]
+    for spec in bad:
+        status, answer = server.call("POST", "/v1/mlxfun/steer", spec)
+        assert status == 400 and "error" in answer, (spec, answer)
+        body = {"prompt": "x", "max_tokens": 2, "mlxfun_steer": spec}
+        status, answer = server.call("POST", "/v1/completions", body)
+        assert status == 400 and "error" in answer, (spec, answer)
+    assert server.call("GET", "/v1/mlxfun/steer")[1] == {"spec": None}

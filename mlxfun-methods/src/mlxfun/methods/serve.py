@@ -62,7 +62,9 @@ def check_options(options: ServeOptions) -> None:
     if not options.workdir.is_dir():
         raise MlxfunError(f"--workdir {options.workdir} is not a directory; create it first")
     if options.spec is not None:
-        raise MlxfunError("--spec needs run-time steering, which this build does not have yet")
+        from .steer import load_spec
+
+        load_spec(options.spec)  # a one-line error now, not after loading the model
 
 
 def _cli_args(options: ServeOptions) -> argparse.Namespace:
@@ -149,6 +151,9 @@ class ServerState:
         self.scorers = [plugins.get_scorer(n) for n in names]
         self.jobs = JobRunner()
         self.response_generator = None
+        self.config: dict | None = None
+        self.steer_spec = None  # the active SteeringSpec (every request without its own)
+        self.steer_lock = threading.Lock()
 
     def on_load(self, model, config) -> None:
         from mlxfun.core import plugins
@@ -156,16 +161,71 @@ class ServerState:
         from .live_stats import LiveStats
 
         adapter = plugins.adapter_for_config(config)
+        self.config = config
         self.live = LiveStats(model, adapter, config, self.scorers, self.options.model)
         self.live.install()
+        if self.options.spec is not None:
+            from .steer import load_spec
+
+            try:
+                self.set_steering(load_spec(self.options.spec))
+            except MlxfunError as exc:
+                self.load_error = str(exc)
+                raise
         self.loaded.set()
+
+    # -- steering --------------------------------------------------------------------------
+
+    def check_spec(self, spec):
+        """A spec (JSON object, or ``SteeringSpec``) checked against the served model: its
+        layers, experts, modes and fingerprint (one-line ``MlxfunError`` otherwise)."""
+        from .steer import as_spec, check_spec_fingerprint, layer_biases
+
+        spec = as_spec(spec)
+        live = self.live
+        check_spec_fingerprint(spec, live.model, live.adapter, live.layers, self.config)
+        layer_biases(spec, live.layers)
+        return spec
+
+    def set_steering(self, spec) -> None:
+        spec = None if spec is None else self.check_spec(spec)
+        with self.steer_lock:
+            self.steer_spec = spec
+
+    def request_spec(self, body: dict):
+        """The steering of one request: its own ``mlxfun_steer`` (a spec, or null for none),
+        else the active spec. Returns ``(spec or None,)`` so that None is not "absent"."""
+        if "mlxfun_steer" in body:
+            own = body["mlxfun_steer"]
+            return (None if own is None else self.check_spec(own),)
+        with self.steer_lock:
+            return (self.steer_spec,)
 
     def start(self) -> None:
         from mlx_lm.models.cache import LRUPromptCache
         from mlx_lm.server import ResponseGenerator
 
+        state = self
+
+        class SteeringResponseGenerator(ResponseGenerator):
+            """mlx-lm's generator; each request runs under its steering (if any)."""
+
+            def _serve_single(self, request, stream):
+                spec = getattr(request[1], "mlxfun_steer", None)
+                spec = state.request_spec({})[0] if spec is None else spec[0]
+                if spec is None:
+                    return super()._serve_single(request, stream)
+                from .steer import steering
+
+                live = state.live
+                try:
+                    with steering(live.model, spec, live.adapter, state.config):
+                        return super()._serve_single(request, stream)
+                except MlxfunError as exc:
+                    request[0].put(ValueError(str(exc)))
+
         provider = _model_provider_class()(_cli_args(self.options), self.on_load)
-        self.response_generator = ResponseGenerator(
+        self.response_generator = SteeringResponseGenerator(
             provider, LRUPromptCache(self.options.prompt_cache_size)
         )
 
@@ -173,7 +233,9 @@ class ServerState:
         deadline = time.time() + timeout
         while not self.loaded.wait(0.2):
             if not self.response_generator.generation_available():
-                raise MlxfunError(f"cannot load {self.options.model}; see the log above")
+                raise MlxfunError(
+                    self.load_error or f"cannot load {self.options.model}; see the log"
+                )
             if time.time() > deadline:
                 raise MlxfunError(f"{self.options.model} did not load in {timeout:.0f} s")
 
@@ -276,6 +338,15 @@ def _handler_class(state: ServerState):
         def do_POST(self):
             if self._authorized() and not self._route("POST"):
                 super().do_POST()
+
+        def handle_completion(self, request, stop_words):
+            # mlx-lm parsed the body; the request carries its steering to the generator
+            try:
+                request.mlxfun_steer = state.request_spec(self.body)
+            except MlxfunError as exc:
+                self.reply(400, {"error": str(exc)})
+                return
+            return super().handle_completion(request, stop_words)
 
         def do_DELETE(self):
             if self._authorized() and not self._route("DELETE"):

@@ -40,6 +40,9 @@ def dispatch(state, handler, method: str, path: str, query: dict):
         ("POST", "select"): lambda: (200, _select(state, handler.json_body())),
         ("POST", "prune"): lambda: _submit(state, "prune", handler.json_body()),
         ("POST", "merge"): lambda: _submit(state, "merge", handler.json_body()),
+        ("GET", "steer"): lambda: (200, _steer_json(state)),
+        ("POST", "steer"): lambda: _set_steer(state, handler.json_body()),
+        ("DELETE", "steer"): lambda: _set_steer(state, None),
     }
     action = table.get((method, route))
     if action is None:
@@ -71,7 +74,7 @@ def _info(state) -> dict:
         "top_k": [layer.top_k for layer in live.layers],
         "scorers": [s.name for s in live.scorers],
         "workdir": str(state.workdir),
-        "steering": False,
+        "steering": True,
         "auth": bool(state.options.api_key),
     }
 
@@ -375,3 +378,21 @@ def _jobs(state, handler, method: str, route: str):
         ):
             return 200, state.jobs.cancel(job.id).as_json()
     raise RequestError(f"no route {method} /v1/mlxfun/{route}", 404)
+
+
+# ---------------------------------------------------------------------------------------------
+# steering
+
+
+def _steer_json(state) -> dict:
+    with state.steer_lock:
+        spec = state.steer_spec
+    return {"spec": None if spec is None else spec.to_json()}
+
+
+def _set_steer(state, body):
+    _live(state)
+    if body is not None and not body:
+        raise RequestError('give a steering spec: {"rules": [{"layer", "experts", "mode"}]}')
+    state.set_steering(body)
+    return 200, _steer_json(state)

@@ -290,8 +290,10 @@ async function chat() {
   const box = $("#chat-answers");
   box.innerHTML = '<div class="answer"><h4>answer</h4>...</div>';
   try {
-    const runs = [["answer", undefined]];
-    if ($("#chat-compare").checked && state.info && state.info.steering) {
+    // steered: the experts listed here (this request only), else the server's active spec
+    const own = state.steer.length ? steerSpec() : undefined;
+    const runs = [[own ? "steered" : "answer", own]];
+    if ($("#chat-compare").checked) {
       runs[0][0] = "steered";
       runs.push(["unsteered", null]);
     }
@@ -315,16 +317,19 @@ function renderSteerList() {
 }
 
 function steerSpec() {
-  const layers = {};
+  // the steering spec format (docs/steering.md): one rule per (layer, mode)
+  const rules = {};
   for (const s of state.steer) {
-    const entry = (layers[s.layer] = layers[s.layer] || { mask: [], force: [] });
-    entry[s.mode].push(s.expert);
+    const layer = s.layer === "all" ? "all" : parseInt(s.layer, 10);
+    const key = `${layer}:${s.mode}`;
+    (rules[key] = rules[key] || { layer, experts: [], mode: s.mode }).experts.push(s.expert);
   }
-  return { layers };
+  return { rules: Object.values(rules) };
 }
 
 async function applySteer() {
   try {
+    if (!state.steer.length) return clearSteer();
     await api("POST", "/v1/mlxfun/steer", steerSpec());
     say("steering applied", true);
   } catch (e) { say(e.message); }
