@@ -223,6 +223,8 @@ def test_toggling_a_mask_changes_the_routing_counters(page, setup):
     page.click("#chat-send")
     page.wait_for_selector('.answer[data-kind="unsteered"]')
     _shot(page, "dashboard-steering.png")
+    page.uncheck("#chat-compare")
     page.click("#steer-clear")
     page.wait_for_function("document.querySelector('#message').textContent === 'steering cleared'")
+    assert page.locator("#steer-list li").count() == 0
     assert ask()[1, expert] > 0

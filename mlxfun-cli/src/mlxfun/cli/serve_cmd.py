@@ -27,6 +27,9 @@ def register(app: typer.Typer) -> None:
         scorers: str = typer.Option(
             None, "--scorers", help="Comma-separated scorers to count (default: all installed)."
         ),
+        count: bool = typer.Option(
+            True, "--stats/--no-stats", help="Count routing (off: plain serving, to compare)."
+        ),
         max_tokens: int = typer.Option(512, "--max-tokens", help="Default completion length."),
         prompt_cache_size: int = typer.Option(
             0,
@@ -52,6 +55,7 @@ def register(app: typer.Typer) -> None:
             scorers=scorers.split(",") if scorers else None,
             max_tokens=max_tokens,
             prompt_cache_size=prompt_cache_size,
+            count=count,
             log_level=log_level.upper(),
         )
 

@@ -3,10 +3,14 @@
 after some requests equal ``collect`` on the same token sequences.
 
 The observer hooks each MoE block (router-faithful: the adapter recomputes the routing and
-checks it against what the block used); one more hook on the model itself turns what a forward
-recorded into observations once that forward has been built. Only the generation thread runs
-the model; readers (``snapshot``, ``save``, ``reset``) take the same lock as the update, so no
-count is lost or read half-written.
+checks it against what the block used); one more hook on the model itself takes what each
+forward recorded, still lazy (``Observer.pending``). Evaluating and scoring every decode step on
+its own would stop MLX from overlapping the next step with the current one and cost a numpy pass
+per token, so the forwards are batched: once ``batch_tokens`` tokens are pending, or when the
+server finishes a request (``flush``, before the client gets its answer), they are evaluated
+together and fed to the scorers. Only the generation thread runs the model and flushes;
+readers (``snapshot``, ``save``, ``reset``) take the same lock as the update, so no count is
+lost or read half-written (a snapshot during a request lacks its last pending tokens).
 """
 
 import threading
@@ -19,7 +23,7 @@ from mlxfun.core.stats import StatsCollector, model_fingerprint, save_stats
 
 
 class LiveStats:
-    def __init__(self, model, adapter, config: dict, scorers, model_path=""):
+    def __init__(self, model, adapter, config: dict, scorers, model_path="", batch_tokens=64):
         self.model = model
         self.adapter = adapter
         self.scorers = list(scorers)
@@ -32,6 +36,9 @@ class LiveStats:
         self.observer = Observer(model, adapter, self.collector.needs, layers=self.layers)
         self.forwards = 0
         self.since = time.time()
+        self.batch_tokens = batch_tokens
+        self._pending: list = []
+        self._pending_tokens = 0
         self._context = None
 
     def _new_collector(self) -> StatsCollector:
@@ -41,11 +48,23 @@ class LiveStats:
 
     def _after_forward(self, module, call, *args, **kwargs):
         out = call(*args, **kwargs)
-        observations = self.observer.observations()
+        pending = self.observer.pending()
+        self._pending.append(pending)
+        self._pending_tokens += int(np.prod(pending[0]["used"].shape[:-1]))
+        if self._pending_tokens >= self.batch_tokens:
+            self.flush()
+        return out
+
+    def flush(self) -> None:
+        """Score what is pending (generation thread only: it evaluates MLX arrays)."""
+        if not self._pending:
+            return
+        forwards, self._pending, self._pending_tokens = self._pending, [], 0
+        merged = forwards[0] if len(forwards) == 1 else self.observer.concat_pending(forwards)
+        observations = self.observer.finish(merged)
         with self.lock:
             self.collector.update(observations)
-            self.forwards += 1
-        return out
+            self.forwards += len(forwards)
 
     def install(self) -> None:
         """Hook the model for the rest of the process (``remove`` undoes it)."""
@@ -62,6 +81,7 @@ class LiveStats:
     # -- readers -------------------------------------------------------------------------------
 
     def reset(self) -> None:
+        # pending forwards of a request still running count towards the new period
         with self.lock:
             self.collector = self._new_collector()
             self.forwards = 0

@@ -47,6 +47,7 @@ class ServeOptions:
     scorers: list[str] | None = None  # None: every installed scorer
     max_tokens: int = 512
     prompt_cache_size: int = 0
+    count: bool = True  # routing counters on (off: plain serving, for comparisons)
     chat_template: str = ""
     log_level: str = "WARNING"
 
@@ -163,7 +164,8 @@ class ServerState:
         adapter = plugins.adapter_for_config(config)
         self.config = config
         self.live = LiveStats(model, adapter, config, self.scorers, self.options.model)
-        self.live.install()
+        if self.options.count:
+            self.live.install()
         if self.options.spec is not None:
             from .steer import load_spec
 
@@ -211,6 +213,8 @@ class ServerState:
             """mlx-lm's generator; each request runs under its steering (if any)."""
 
             def _serve_single(self, request, stream):
+                # the counters are complete before the client reads the end of its answer
+                request = (_FlushingQueue(request[0], state.live.flush), *request[1:])
                 spec = getattr(request[1], "mlxfun_steer", None)
                 spec = state.request_spec({})[0] if spec is None else spec[0]
                 if spec is None:
@@ -250,6 +254,22 @@ class ServerState:
         if must_exist and not path.exists():
             raise RequestError(f"{what} {text} does not exist in the workdir", 404)
         return path
+
+
+class _FlushingQueue:
+    """A request's response queue that flushes the live counters before its end marker (None)
+    or an error is put: mlx-lm's handler answers the client only after that."""
+
+    def __init__(self, queue, flush):
+        self._queue, self._flush = queue, flush
+
+    def put(self, item, *args, **kwargs):
+        if item is None or isinstance(item, Exception):
+            self._flush()
+        return self._queue.put(item, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._queue, name)
 
 
 def _handler_class(state: ServerState):

@@ -64,6 +64,12 @@ def _live(state):
     return state.live
 
 
+def _counting(state):
+    if not state.options.count:
+        raise RequestError("this server does not count routing (started with --no-stats)", 409)
+    return _live(state)
+
+
 def _info(state) -> dict:
     live = _live(state)
     return {
@@ -76,11 +82,12 @@ def _info(state) -> dict:
         "workdir": str(state.workdir),
         "steering": True,
         "auth": bool(state.options.api_key),
+        "counting": state.options.count,
     }
 
 
 def _stats(state, query: dict) -> dict:
-    data = _live(state).snapshot()
+    data = _counting(state).snapshot()
     return _filtered(data, query)
 
 
@@ -107,7 +114,7 @@ def _filtered(data: dict, query: dict) -> dict:
 
 def _reset(state, handler):
     handler.read_body()
-    _live(state).reset()
+    _counting(state).reset()
     return 200, {"reset": True}
 
 
@@ -117,7 +124,7 @@ def _save(state, body: dict):
         raise RequestError("path must end with .npz (a stats file)")
     if target.exists() and not body.get("force"):
         raise RequestError(f'{body["path"]} exists; pass "force": true to replace it', 409)
-    summary = _live(state).save(target)
+    summary = _counting(state).save(target)
     summary["path"] = _relative(state, target)
     return 200, summary
 
@@ -231,7 +238,7 @@ def _report(state, query: dict):
 
 def _snapshot_live(state) -> str:
     name = f"live-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 1000000:06d}.npz"
-    _live(state).save(state.workdir / name)
+    _counting(state).save(state.workdir / name)
     return name
 
 

@@ -337,6 +337,8 @@ async function applySteer() {
 
 async function clearSteer() {
   try {
+    state.steer = [];
+    renderSteerList();
     await api("DELETE", "/v1/mlxfun/steer");
     say("steering cleared", true);
   } catch (e) { say(e.message); }
