@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "merge_cmd",
     "check_cmd",
     "scan_cmd",
+    "serve_cmd",
 )
 
 
