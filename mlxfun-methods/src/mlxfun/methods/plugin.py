@@ -26,3 +26,11 @@ def register_compressors(register):
 
     for compressor in COMPRESSORS:
         register(compressor)
+
+
+@hookimpl
+def register_interventions(register):
+    from .interventions import INTERVENTIONS
+
+    for intervention in INTERVENTIONS:
+        register(intervention)
