@@ -215,8 +215,8 @@ def score_candidates(
 class AbliterateRequest:
     model: Path = attrs.field(converter=Path)
     output: Path = attrs.field(converter=Path)
-    harmful: Path = attrs.field(converter=Path)
-    harmless: Path = attrs.field(converter=Path)
+    harmful: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
+    harmless: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     layer: str = "auto"
     position: int = -1
     scale: float = 1.0
@@ -257,6 +257,8 @@ def _check_request(request: AbliterateRequest) -> None:
         raise MlxfunError("--eval-prompts and --max-tokens must be at least 1")
     if request.direction is not None and not request.direction.is_file():
         raise MlxfunError(f"--direction {request.direction} does not exist; pass a .npy file")
+    if request.direction is None and (request.harmful is None or request.harmless is None):
+        raise MlxfunError("pass --harmful and --harmless prompt sets, or a saved --direction")
     inputs = (request.model, request.harmful, request.harmless, request.direction)
     check_output(request.output, request.force, inputs)
 
@@ -384,6 +386,20 @@ def _versions() -> dict:
     return out
 
 
+def progress_bars(enabled: bool):
+    """``bars(desc)(items)``: a tqdm bar over ``items`` (on stderr), or the items themselves."""
+
+    def bars(desc):
+        def wrap(items):
+            from tqdm import tqdm
+
+            return tqdm(items, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+
+        return wrap
+
+    return bars
+
+
 def abliterate(request: AbliterateRequest, progress=None) -> dict:
     """Find (or read) the direction, orthogonalise the weights, write ``request.output``
     atomically with ``mlxfun.json`` and the direction as ``refusal_direction.npy``."""
@@ -411,8 +427,8 @@ def abliterate(request: AbliterateRequest, progress=None) -> dict:
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "source_model": str(request.model.resolve()),
         "options": {
-            "harmful": str(request.harmful),
-            "harmless": str(request.harmless),
+            "harmful": str(request.harmful) if request.harmful else None,
+            "harmless": str(request.harmless) if request.harmless else None,
             "layer": request.layer,
             "position": request.position,
             "scale": request.scale,
@@ -431,7 +447,7 @@ def abliterate(request: AbliterateRequest, progress=None) -> dict:
         save_model_dir(model, request.model, tmp, new_config)
         np.save(tmp / DIRECTION_FILE, direction)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-    return provenance
+    return {**provenance, "output": str(request.output)}
 
 
 def get_hidden_size(model) -> int:
