@@ -146,3 +146,41 @@ def test_unknown_architecture_is_refused_by_name(tmp_path, capsys):
     assert run("--model", model, "--harmful", h, "--harmless", h, "-o", tmp_path / "o") != 0
     line = one_error_line(capsys)
     assert line.startswith("error: gemma3_text: abliteration does not know")
+
+
+def test_quantized_model_keeps_its_quantization(setup, tmp_path, capsys):
+    from mlx_lm import load
+
+    _, harmful, harmless = setup
+    model = save_tiny_checkpoint(
+        tmp_path / "q", "qwen3_moe", dict(TINY_ARGS, num_hidden_layers=3), bits=4
+    )
+    out = tmp_path / "out"
+    args = ["--model", model, "--harmful", harmful, "--harmless", harmless, "-o", out]
+    assert run(*args, "--layer", "1") == 0
+    assert "requantization added a relative error of" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": 4}
+    record = json.loads((out / "mlxfun.json").read_text())
+    error = record["edit"]["requantization_error"]
+    assert 0 < error["mean"] <= error["max"] < 0.2
+    src, dst = mx.load(str(model / "model.safetensors")), mx.load(str(out / "model.safetensors"))
+    assert src.keys() == dst.keys()
+    assert all(src[k].dtype == dst[k].dtype and src[k].shape == dst[k].shape for k in src)
+    load(str(out))
+
+
+def test_half_precision_is_written_back_in_its_dtype(setup, tmp_path):
+    _, harmful, harmless = setup
+    model = save_tiny_checkpoint(tmp_path / "m", "qwen3_moe", dict(TINY_ARGS, num_hidden_layers=3))
+    weights = mx.load(str(model / "model.safetensors"))
+    mx.save_safetensors(
+        str(model / "model.safetensors"), {k: v.astype(mx.bfloat16) for k, v in weights.items()}
+    )
+    out = tmp_path / "out"
+    args = ["--model", model, "--harmful", harmful, "--harmless", harmless, "-o", out]
+    assert run(*args, "--layer", "1") == 0
+    written = mx.load(str(out / "model.safetensors"))
+    assert {v.dtype for v in written.values()} == {mx.bfloat16}
+    name = "model.layers.0.self_attn.o_proj.weight"
+    assert not mx.array_equal(written[name], weights[name].astype(mx.bfloat16))
