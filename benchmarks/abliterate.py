@@ -79,10 +79,17 @@ def measure(model_dir, reference, harmful, harmless, max_tokens):
     return row, logp
 
 
-def perplexities(dirs, max_samples):
+def eval_set(data: Path, domain: str) -> Path:
+    """The chat-formatted evaluation set where there is one (the chat model's own format),
+    else the plain text one."""
+    chat = data / f"chat_eval_{domain}.jsonl"
+    return chat if chat.is_file() else data / f"eval_{domain}.jsonl"
+
+
+def perplexities(dirs, data, max_samples):
     out = {}
     for domain in ("code", "prose"):
-        result = evaluate(dirs, [DATA / f"eval_{domain}.jsonl"], max_samples=max_samples)
+        result = evaluate(dirs, [eval_set(data, domain)], max_samples=max_samples)
         out[domain] = [m["perplexity"] for m in result["models"]]
     return out
 
@@ -94,17 +101,21 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--ppl-samples", type=int, default=32)
     parser.add_argument("--eval-prompts", type=int, default=16)
+    parser.add_argument("--data", type=Path, default=DATA, help="folder of the prompt sets")
+    parser.add_argument("--limit", type=int, default=None, help="first N eval prompts only")
     opts = parser.parse_args()
+    data = opts.data
     work = opts.work
     work.mkdir(parents=True, exist_ok=True)
-    harmful = load_prompts(DATA / "harmful_eval.jsonl", "harmful_eval")
-    harmless = load_prompts(DATA / "harmless_eval.jsonl", "harmless_eval")
+    harmful = load_prompts(data / "harmful_eval.jsonl", "harmful_eval")[: opts.limit]
+    harmless = load_prompts(data / "harmless_eval.jsonl", "harmless_eval")[: opts.limit]
     full, skip = work / "abliterated", work / "skip-experts"
     q4, q4_full = work / "q4", work / "q4-abliterated"
     seconds = {}
     seconds["auto"] = mlxfun(
         "abliterate", "--model", opts.model, "-o", full, "--force",
-        "--eval-prompts", opts.eval_prompts,
+        "--eval-prompts", opts.eval_prompts, "--harmful", data / "harmful_calib.jsonl",
+        "--harmless", data / "harmless_calib.jsonl",
     )  # fmt: skip
     direction = full / "refusal_direction.npy"
     seconds["skip"] = mlxfun(
@@ -135,8 +146,8 @@ def main():
     q4_row, q4_logp = measure(q4, None, harmful, harmless, opts.max_tokens)
     rows["4-bit"] = q4_row
     rows["4-bit abliterated"], _ = measure(q4_full, q4_logp, harmful, harmless, opts.max_tokens)
-    ppl = perplexities([opts.model, full, skip], opts.ppl_samples)
-    ppl_q4 = perplexities([q4, q4_full], opts.ppl_samples)
+    ppl = perplexities([opts.model, full, skip], data, opts.ppl_samples)
+    ppl_q4 = perplexities([q4, q4_full], data, opts.ppl_samples)
     order = ["original", "abliterated", "abliterated --skip-experts", "4-bit", "4-bit abliterated"]
     ppls = {name: (ppl["code"][i], ppl["prose"][i]) for i, name in enumerate(order[:3])}
     ppls.update({name: (ppl_q4["code"][i], ppl_q4["prose"][i]) for i, name in enumerate(order[3:])})
@@ -145,7 +156,8 @@ def main():
     base["4-bit abliterated"] = "4-bit"
     print(
         f"\n{len(harmful)} harmful_eval, {len(harmless)} harmless_eval prompts, greedy "
-        f"{opts.max_tokens} tokens; perplexity on {opts.ppl_samples} samples per domain"
+        f"{opts.max_tokens} tokens; perplexity on {opts.ppl_samples} samples of "
+        f"{eval_set(data, 'code').name} and {eval_set(data, 'prose').name}"
     )
     print("| model | harmful refused | harmless refused | KL harmless | code ppl | prose ppl |")
     print("|---|---:|---:|---:|---:|---:|")
