@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "check_cmd",
     "scan_cmd",
     "serve_cmd",
+    "abliterate_cmd",
 )
 
 
