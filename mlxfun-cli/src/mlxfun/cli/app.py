@@ -21,6 +21,9 @@ COMMAND_MODULES = (
     "prune_cmd",
     "merge_cmd",
     "check_cmd",
+    "analyze_cmd",
+    "plan_cmd",
+    "apply_cmd",
 )
 
 
