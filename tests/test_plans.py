@@ -120,6 +120,10 @@ def test_a_pruning_plan_is_prune_byte_for_byte(qwen, tmp_path):
     prune(PruneRequest(model=source, stats=stats, output=tmp_path / "pruned", n=2, target=target))
     assert digest(tmp_path / "applied") == digest(tmp_path / "pruned")
     assert summary["bytes_after"] == plan.bytes_after  # the estimate is the written size
+    size = plan.size_estimate()
+    per_expert = plan.layers[0].expert_params
+    assert size["params_removed"] == 2 * len(plan.layers) * per_expert
+    assert size["compressed_params"] == size["original_params"] - size["params_removed"]
     provenance = json.loads((tmp_path / "applied" / "mlxfun.json").read_text())
     assert provenance["plan"]["strategy"] == "target-experts 6"
 

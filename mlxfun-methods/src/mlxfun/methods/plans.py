@@ -118,6 +118,27 @@ class ModelPlan:
     target_bytes: int | None
     notes: list
     layers: list
+    params_total: int | None = None  # the analysis's size breakdown (parameters)
+    params_experts: int | None = None
+
+    def size_estimate(self) -> dict:
+        """The seed's ``estimate_compressed_size``: parameters and bytes before and after."""
+        removed = sum(x.params_removed or 0 for x in self.layers)
+        result = {
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "bytes_removed": self.bytes_before - self.bytes_after,
+            "reduction_ratio": round(self.estimated_memory_reduction, 6),
+            "params_removed": removed,
+        }
+        if self.params_total is not None:
+            result.update(
+                original_params=self.params_total,
+                compressed_params=self.params_total - removed,
+                expert_params_original=self.params_experts,
+                expert_params_compressed=self.params_experts - removed,
+            )
+        return result
 
     @property
     def estimated_memory_reduction(self) -> float:
@@ -131,6 +152,7 @@ class ModelPlan:
         data = attrs.asdict(self, recurse=False)
         data["layers"] = [layer.as_dict() for layer in self.layers]
         data["estimated_memory_reduction"] = round(self.estimated_memory_reduction, 6)
+        data["size_estimate"] = self.size_estimate()
         data["experts_before"] = sum(x.original_num_experts for x in self.layers)
         data["experts_after"] = sum(x.target_num_experts for x in self.layers)
         data["quality_measure"] = (
@@ -149,7 +171,9 @@ class ModelPlan:
                 layer["merges"] = [ExpertMerge(**m) for m in layer["merges"]]
                 layers.append(CompressionPlan(**layer))
             fields = {f.name for f in attrs.fields(cls)}
-            return cls(**{k: (layers if k == "layers" else data[k]) for k in fields})
+            return cls(
+                **{k: (layers if k == "layers" else v) for k, v in data.items() if k in fields}
+            )
         except (KeyError, TypeError) as exc:
             raise MlxfunError(
                 f"{where} is not an mlxfun plan ({exc}); make one with mlxfun plan"
@@ -351,12 +375,18 @@ def make_plan(analysis, request: PlanRequest) -> ModelPlan:
         target_bytes=request.target_size,
         notes=notes,
         layers=layers,
+        params_total=_breakdown(analysis, "total"),
+        params_experts=_breakdown(analysis, "experts"),
     )
     for layer in plan.layers:
         layer.estimated_memory_reduction = round(
             len(layer.removed) * layer.expert_bytes / plan.bytes_before, 6
         )
     return plan
+
+
+def _breakdown(analysis, part: str) -> int | None:
+    return next((r["parameters"] for r in analysis.sizes if r["part"] == part), None)
 
 
 def _strategy_name(request: PlanRequest) -> str:
