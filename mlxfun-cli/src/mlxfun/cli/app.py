@@ -26,6 +26,9 @@ COMMAND_MODULES = (
     "scan_cmd",
     "serve_cmd",
     "abliterate_cmd",
+    "analyze_cmd",
+    "plan_cmd",
+    "apply_cmd",
 )
 
 
