@@ -3,6 +3,7 @@
 from .adapter import check_adapter
 from .compressor import check_compressor
 from .failures import plugin_label
+from .neuron_scorer import check_neuron_scorer
 from .plugin import check_plugin
 from .scorer import check_scorer
 from .selector import check_selector
@@ -45,6 +46,8 @@ class PluginConformance:
             check_adapter(obj, model, model_type, **options)
         elif kind == "compressor":
             check_compressor(obj, **options)
+        elif kind == "neuron_scorer":
+            check_neuron_scorer(obj, **options)
         else:
             check_plugin(kind, obj)
 
