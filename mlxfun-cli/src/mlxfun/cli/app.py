@@ -21,6 +21,8 @@ COMMAND_MODULES = (
     "prune_cmd",
     "merge_cmd",
     "check_cmd",
+    "sparsify_cmd",
+    "prune_neurons_cmd",
 )
 
 
