@@ -141,7 +141,9 @@ def test_sequential_changes_later_layers_only(models, data, tmp_path):
     assert not np.array_equal(outs[False][later] == 0, outs[True][later] == 0)
 
 
-@pytest.mark.parametrize("method", ["wanda_select", "neuronrank_tfidf", "neuronrank_fisher"])
+@pytest.mark.parametrize(
+    "method", ["magnitude", "wanda_select", "neuronrank_tfidf", "neuronrank_fisher"]
+)
 def test_n_of_m_on_experts_and_attention_with_the_lm_head(models, data, tmp_path, method):
     source, out = models["qwen3_moe"], tmp_path / "out"
     sparsify(

@@ -139,7 +139,8 @@ def apply_scores(target, stats, scorer, options, sparsity, nm) -> dict:
     weight = target.module.weight
     w = np.array(weight.astype(mx.float32))
     if target.stacked:
-        scores = np.stack([scorer.score(w[e], stats[e], **options) for e in range(w.shape[0])])
+        per_expert = [None] * w.shape[0] if stats is None else stats
+        scores = np.stack([scorer.score(w[e], per_expert[e], **options) for e in range(len(w))])
     else:
         scores = scorer.score(w, stats, **options)
     mask = prune_mask(np.asarray(scores), sparsity, nm)
