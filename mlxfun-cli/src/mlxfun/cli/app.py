@@ -29,6 +29,8 @@ COMMAND_MODULES = (
     "analyze_cmd",
     "plan_cmd",
     "apply_cmd",
+    "sparsify_cmd",
+    "prune_neurons_cmd",
 )
 
 

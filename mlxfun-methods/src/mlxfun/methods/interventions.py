@@ -53,8 +53,6 @@ class AmplifyIntervention:
         return None
 
 
-
-
 @attrs.define(frozen=True)
 class AbliterateIntervention:
     """``apply(model, adapter, direction=d, scale=1.0, skip_experts=False)``: remove the unit
