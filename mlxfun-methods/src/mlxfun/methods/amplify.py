@@ -89,22 +89,14 @@ def _stored(values, dtype):
     return mx.array(np.clip(values, float(info.min), float(info.max))).astype(dtype)
 
 
-def _dtype_of(module):
-    import mlx.core as mx
-
-    if "scales" in module:
-        return module["scales"].dtype
-    weight = module["weight"]
-    return weight.dtype if mx.issubdtype(weight.dtype, mx.floating) else mx.float32
-
-
 def apply_edits(edits: list[Edit]) -> None:
     """Make the edits on the loaded model (permanent)."""
     import mlx.core as mx
+    from mlxfun.core.router_bias import linear_bias_dtype
 
     for edit in edits:
         if edit.new:
-            setattr(edit.module, edit.attr, _stored(edit.values, _dtype_of(edit.module)))
+            setattr(edit.module, edit.attr, _stored(edit.values, linear_bias_dtype(edit.module)))
         else:
             old = getattr(edit.module, edit.attr)
             added = old.astype(mx.float32) + mx.array(edit.values)
