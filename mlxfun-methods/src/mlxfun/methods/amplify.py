@@ -12,7 +12,7 @@ The bias goes where run-time steering puts it (``mlxfun.core.router_bias``), as 
 - ``gate`` point (a raw router array without a correction bias: deepseek, deepseek_v2):
   refused, since mlx-lm's gate has nowhere to hold a bias.
 
-The values are the run-time ones (``steer.MASK`` -1e9, ``FORCE`` 1e4, or the rule's bias), so the
+The values are the run-time ones (``steer.MASK`` -1e9, ``FORCE`` +50, or the rule's bias), so the
 amplified model computes what ``steering`` computes. A finite -1e9 still never selects the
 expert: on logits its softmax share underflows to exactly 0 and its sigmoid is 0; on a
 correction bias its selection score is about -1e9, below every other expert's (scores in [0, 1]
