@@ -55,19 +55,25 @@ def main():
     _, reference = generate_timed(model, tokenizer, args.tokens)
     print(f"model {args.model}, {args.tokens} tokens, {args.repeats} repeats (medians)")
     for name, spec in (("neutral", NEUTRAL), ("mask+force", MASK_FORCE)):
-        plain, steered = [], []
-        for _ in range(args.repeats):
-            seconds, text = generate_timed(model, tokenizer, args.tokens)
-            plain.append(seconds)
-            assert text == reference, "plain generation changed between runs"
-            with steering(model, spec, adapter, config):
-                seconds, steered_text = generate_timed(model, tokenizer, args.tokens)
-            steered.append(seconds)
+        plain, steered, ratios = [], [], []
+        for i in range(args.repeats):
+            pair = {}
+            # ABBA order, so that a drift in machine load hits both alike
+            for steer in (False, True) if i % 2 == 0 else (True, False):
+                if steer:
+                    with steering(model, spec, adapter, config):
+                        pair[steer], steered_text = generate_timed(model, tokenizer, args.tokens)
+                else:
+                    pair[steer], text = generate_timed(model, tokenizer, args.tokens)
+                    assert text == reference, "plain generation changed between runs"
+            plain.append(pair[False])
+            steered.append(pair[True])
+            ratios.append(pair[True] / pair[False])
         p, s = statistics.median(plain), statistics.median(steered)
         print(
             f"{name:<11} plain {1 / p:7.1f} tokens/s, steered {1 / s:7.1f} tokens/s, "
-            f"steered/plain time {s / p:.3f} (target <= 1.05); "
-            f"answer changed: {steered_text != reference}"
+            f"steered/plain time (median of paired ratios) {statistics.median(ratios):.3f} "
+            f"(target <= 1.05); answer changed: {steered_text != reference}"
         )
     _, after = generate_timed(model, tokenizer, args.tokens)
     print(f"after steering, generation bit-identical to before: {after == reference}")
