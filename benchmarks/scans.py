@@ -18,7 +18,7 @@ mlx-lm's group-limited routing (n_group > 1) zeroes dropped groups, so a -1e9 bi
 drop a whole group and let a zeroed expert win: the check then fails rather than mis-measure.
 Runtime is kept modest by subsampling (printed with the results).
 
-    python benchmarks/scans.py [--eval-prompts 40] [--seeds 10] [--part chat|domain|both]
+    python benchmarks/scans.py [--eval-prompts 30] [--seeds 10] [--part chat|domain|both]
 """
 
 import argparse
@@ -296,9 +296,9 @@ def main():
     parser.add_argument("--chat-model", type=Path, default=ROOT / "demo" / "chat-model")
     parser.add_argument("--chat-data", type=Path, default=DEMO_DATA, help="harm*_{calib,eval}")
     parser.add_argument("--seeds", type=int, default=10, help="random draws per setting")
-    parser.add_argument("--eval-prompts", type=int, default=40, help="held-out prompts per set")
+    parser.add_argument("--eval-prompts", type=int, default=30, help="held-out prompts per set")
     parser.add_argument("--calib-prompts", type=int, default=None, help="scan subsample")
-    parser.add_argument("--answer-tokens", type=int, default=24, help="greedy refusal tokens")
+    parser.add_argument("--answer-tokens", type=int, default=12, help="greedy refusal tokens")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="per domain")
     parser.add_argument("--resamples", type=int, default=200)
     parser.add_argument("--top", type=int, default=2)

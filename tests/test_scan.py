@@ -252,6 +252,35 @@ def test_chat_split_is_the_assistant_content(qwen):
     assert prompt + response == sequence.ids
 
 
+class _MergingTokenizer:
+    """Bytes, except that '>' followed by 'H' is one token (999): a BPE merge across the
+    prompt/answer boundary."""
+
+    chat_template = TEMPLATE
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        text = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in messages)
+        return text + ("<|assistant|>" if add_generation_prompt else "")
+
+    def encode(self, text, add_special_tokens=True):
+        ids, data, i = [], text.encode(), 0
+        while i < len(data):
+            if data[i : i + 2] == b">H":
+                ids.append(999)
+                i += 2
+            else:
+                ids.append(data[i])
+                i += 1
+        return ids
+
+
+def test_chat_split_falls_back_to_text_when_tokens_merge_across_the_boundary():
+    messages = [{"role": "user", "content": "yo"}, {"role": "assistant", "content": "Hi"}]
+    sequence = scan_mod.chat_split(messages, _MergingTokenizer(), "x")
+    assert bytes(sequence.ids[: sequence.prompt_len]).decode() == "<|user|>yo<|end|><|assistant|>"
+    assert sequence.ids[sequence.prompt_len :] == list(b"Hi")
+
+
 def _synthetic(seed, n, layers=2, width=4, hot=None):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(5, 20, n)
@@ -401,3 +430,12 @@ def test_bad_input_is_one_line(qwen, data, report, tmp_path, capsys):
 def test_domain_kind_names_its_groups():
     assert DOMAIN.sets == ("domain", "general")
     assert set(DOMAIN.groups) == {"domain_prompt", "domain_response"}
+
+
+def test_response_tokens_zero_scans_prompts_only(qwen, data):
+    request = ScanRequest(
+        kind=DOMAIN, model=qwen[0], sets=(data["plain"], data["text"]), response_tokens=0
+    )
+    report = scan_mod.scan(request)
+    assert list(report["parts"]) == ["prompt"] and list(report["groups"]) == ["domain_prompt"]
+    assert report["sets"]["domain"]["tokens"]["response"] == 0

@@ -24,6 +24,13 @@ COMMAND_MODULES = (
     "merge_cmd",
     "check_cmd",
     "scan_cmd",
+    "serve_cmd",
+    "abliterate_cmd",
+    "analyze_cmd",
+    "plan_cmd",
+    "apply_cmd",
+    "sparsify_cmd",
+    "prune_neurons_cmd",
 )
 
 

@@ -79,14 +79,17 @@ def _encode(tokenizer, text: str, templated: bool) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=not templated))
 
 
-def _render_chat(tokenizer, messages, generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(
+def _render_text(tokenizer, messages, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=generation_prompt
     )
-    return _encode(tokenizer, text, True)
 
 
-def _common_suffix(a: list, b: list, limit: int) -> int:
+def _render_chat(tokenizer, messages, generation_prompt: bool) -> list[int]:
+    return _encode(tokenizer, _render_text(tokenizer, messages, generation_prompt), True)
+
+
+def _common_suffix(a, b, limit: int) -> int:
     n = 0
     while n < limit and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
         n += 1
@@ -95,23 +98,37 @@ def _common_suffix(a: list, b: list, limit: int) -> int:
 
 def chat_split(messages: list, tokenizer, source: str) -> Sequence:
     """The conversation up to its last assistant message as tokens, the assistant content being
-    the response: the prompt is the rendering of the messages before it with the generation
-    prompt, which must be a token prefix of the full rendering; the template's tokens after the
-    content (end of turn) are found by rendering the answer empty and are not counted."""
+    the response. The prompt is the rendering of the messages before it with the generation
+    prompt; the template's tokens after the content (end of turn) are those the full rendering
+    shares at its end with a rendering whose answer is empty, and are dropped. Token level when
+    the prompt's tokens are a prefix of the full rendering's; otherwise (a tokenizer that merges
+    across the boundary) text level: the prompt text and the answer's text tokenized apart."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     before = messages[:last]
+    empty_turn = [*before, {"role": "assistant", "content": ""}]
     prefix = _render_chat(tokenizer, before, True)
     full = _render_chat(tokenizer, messages[: last + 1], False)
-    empty = _render_chat(tokenizer, [*before, {"role": "assistant", "content": ""}], False)
-    if full[: len(prefix)] != prefix:
+    if full[: len(prefix)] == prefix:
+        empty = _render_chat(tokenizer, empty_turn, False)
+        trailer = 0
+        if empty[: len(prefix)] == prefix:
+            trailer = _common_suffix(full, empty, min(len(full), len(empty)) - len(prefix))
+        return Sequence(ids=full[: len(full) - trailer], prompt_len=len(prefix), source=source)
+    prefix_text = _render_text(tokenizer, before, True)
+    full_text = _render_text(tokenizer, messages[: last + 1], False)
+    empty_text = _render_text(tokenizer, empty_turn, False)
+    if not full_text.startswith(prefix_text):
         raise MlxfunError(
             f"{source}: the chat template renders the conversation without the prompt as its "
             "prefix, so the assistant's tokens cannot be told apart; pass plain 'prompt' records"
         )
     trailer = 0
-    if empty[: len(prefix)] == prefix:
-        trailer = _common_suffix(full, empty, min(len(full), len(empty)) - len(prefix))
-    return Sequence(ids=full[: len(full) - trailer], prompt_len=len(prefix), source=source)
+    if empty_text.startswith(prefix_text):
+        limit = min(len(full_text), len(empty_text)) - len(prefix_text)
+        trailer = _common_suffix(full_text, empty_text, limit)
+    answer = full_text[len(prefix_text) : len(full_text) - trailer]
+    ids = prefix + _encode(tokenizer, answer, True)
+    return Sequence(ids=ids, prompt_len=len(prefix), source=source)
 
 
 def _has_template(tokenizer) -> bool:

@@ -4,6 +4,7 @@ from .adapter import check_adapter
 from .compressor import check_compressor
 from .failures import plugin_label
 from .intervention import check_intervention
+from .neuron_scorer import check_neuron_scorer
 from .plugin import check_plugin
 from .scorer import check_scorer
 from .selector import check_selector
@@ -49,6 +50,8 @@ class PluginConformance:
             check_compressor(obj, **options)
         elif kind == "intervention":
             check_intervention(obj, **options)
+        elif kind == "neuron_scorer":
+            check_neuron_scorer(obj, **options)
         else:
             check_plugin(kind, obj)
 
