@@ -20,11 +20,14 @@ with the group masked and with random experts masked. Everything seeded.
 import argparse
 import json
 import statistics
+import tempfile
 from pathlib import Path
 
 import numpy as np
+from mlx_lm import load as mlx_lm_load
 from mlxfun.core.datasets import load_samples
-from mlxfun.core.models import load_model
+from mlxfun.core.models import load_model, to_runnable_dtype
+from mlxfun.methods.amplify import amplify
 from mlxfun.methods.evaluate import _eval_sequences, _nll
 from mlxfun.methods.steer import adapter_of, ranked_group, steering
 
@@ -109,6 +112,17 @@ def domain(args):
             f"{label + ' random (mean)':<22} {mean[0]:9.2f} {mean[1]:10.2f} {mean[2]:11.4f}"
             f"   ratio range {low:.4f}..{high:.4f} over {args.seeds} seeds"
         )
+    # the same bias +1 written into a checkpoint, loaded by stock mlx-lm
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "amplified"
+        amplify(args.model, spec(group, "bias", 1.0), out)
+        amplified, _ = mlx_lm_load(str(out), trust_remote_code=True)
+        to_runnable_dtype(amplified)
+        got = {name: perplexity(amplified, seqs) for name, seqs in data.items()}
+    print(
+        f"{'amplified bias +1':<22} {got['code']:9.2f} {got['prose']:10.2f} "
+        f"{got['code'] / got['prose']:11.4f}   (checkpoint loaded by stock mlx-lm)"
+    )
 
 
 def safety(args):

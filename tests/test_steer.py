@@ -13,6 +13,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from mlx_lm.utils import load as mlx_lm_load
 from mlxfun.core import plugins
 from mlxfun.core.errors import MlxfunError
@@ -130,6 +131,7 @@ def test_steering_off_is_bit_identical_and_observation_composes(tmp_path):
 
     before = generate(model, tokenizer, "hello", max_tokens=8)
     logits = model(TOKENS)
+    names = {name for name, _ in tree_flatten(model.parameters())}
     spec = {"rules": [{"layer": "all", "experts": [0, 1], "mode": "mask"}]}
     with steering(model, spec, adapter=adapter):
         steered = generate(model, tokenizer, "hello", max_tokens=8)
@@ -140,6 +142,8 @@ def test_steering_off_is_bit_identical_and_observation_composes(tmp_path):
             assert not np.isin(obs.selected, [0, 1]).any()
     assert generate(model, tokenizer, "hello", max_tokens=8) == before
     assert mx.array_equal(model(TOKENS), logits).item()
+    # the router Linears' steering bias is gone again
+    assert {name for name, _ in tree_flatten(model.parameters())} == names
     assert isinstance(steered, str)
 
 
