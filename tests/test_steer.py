@@ -485,3 +485,33 @@ def test_collect_inside_steering_sees_the_steered_routing(tmp_path, case):
     plain, _ = collect_stats(model, adapter, sequences, scorers, 3, progress=False)
     assert (plain.scores()["frequency"][:, :2] > 0).any()
     assert tokens > 0
+
+
+def test_force_weights_per_router_family(tmp_path):
+    """What force does to the gate weights, checked with numpy on the observed router logits:
+    a correction-bias router (DeepSeek-V3) weights the forced expert by its own un-biased
+    sigmoid score, renormalised over the chosen experts and scaled; a softmax router
+    (Qwen3-MoE) sees the +50 in its logits, so the forced expert takes nearly all the weight."""
+    cases = {c[0]: c for c in CASES}
+    needs = frozenset({"selected", "weights", "logits"})
+    for case in ("deepseek_v3", "qwen3_moe"):
+        _, model_type, args = cases[case]
+        args, _ = grouped_args(model_type, args)
+        source, adapter = write_dir(tmp_path / case, model_type, args, None)
+        model, _ = mlx_lm_load(str(source))
+        spec = {"rules": [{"layer": "all", "experts": [3], "mode": "force"}]}
+        with steering(model, spec, adapter=adapter):
+            with Observer(model, adapter, needs) as observer:
+                model(TOKENS)
+            observations = observer.observations()
+        for layer, obs in zip(adapter.moe_layers(model), observations):
+            logits = obs.logits.astype(np.float64)
+            if case == "deepseek_v3":
+                scores = 1 / (1 + np.exp(-logits))
+                chosen = np.take_along_axis(scores, obs.selected.astype(np.int64), -1)
+                expected = chosen / chosen.sum(-1, keepdims=True)
+                expected *= layer.block.gate.routed_scaling_factor
+                np.testing.assert_allclose(obs.weights, expected, rtol=1e-4, atol=1e-6)
+            else:
+                forced = obs.weights[obs.selected == 3]
+                assert forced.shape[0] == obs.selected.shape[0] and np.all(forced > 0.999)
