@@ -515,3 +515,17 @@ def test_force_weights_per_router_family(tmp_path):
             else:
                 forced = obs.weights[obs.selected == 3]
                 assert forced.shape[0] == obs.selected.shape[0] and np.all(forced > 0.999)
+
+
+def test_the_third_party_example_in_plugins_md_passes_the_kit():
+    """docs/plugins.md's intervention example, run as written."""
+    from pathlib import Path
+
+    from mlxfun.core.testing import check_intervention
+
+    text = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
+    start = text.index("class Shy:")
+    block = text[text.rindex("```python", 0, start) + len("```python") : text.index("```", start)]
+    namespace: dict = {}
+    exec(compile(block, "plugins.md", "exec"), namespace)
+    check_intervention(namespace["Shy"](), {"expert": 1, "bias": -5.0})
