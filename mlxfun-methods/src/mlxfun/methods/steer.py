@@ -234,20 +234,18 @@ def check_spec_fingerprint(spec: SteeringSpec, model, adapter, layers, config: d
 
     if spec.fingerprint is None:
         return
-    mine = model_fingerprint(config or {"model_type": adapter.name}, layers)
     theirs = dict(spec.fingerprint)
-    if config is None:
+    mine = model_fingerprint(config or {}, layers)
+    if config is None:  # no config: no hash to compare, the model type judged by the adapter
         theirs.pop("config_hash", None)
         mine.pop("config_hash", None)
-        if theirs.get("model_type") not in adapter.model_types:
-            mine["model_type"] = theirs.get("model_type")  # compared through the adapter
-            if theirs.get("model_type") is not None:
-                raise MlxfunError(
-                    f"the steering spec is for model type {theirs.get('model_type')!r}, this "
-                    f"model is {adapter.name!r}: build the spec from this model's report"
-                )
-        else:
-            mine["model_type"] = theirs.get("model_type")
+        kind = theirs.get("model_type")
+        if kind is not None and kind not in adapter.model_types:
+            raise MlxfunError(
+                f"the steering spec is for model type {kind!r}, this model is "
+                f"{adapter.name!r}: build the spec from this model's report"
+            )
+        mine["model_type"] = kind
     difference = fingerprint_difference(theirs, mine)
     if difference is not None:
         raise MlxfunError(
