@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "prune_cmd",
     "merge_cmd",
     "check_cmd",
+    "scan_cmd",
     "analyze_cmd",
     "plan_cmd",
     "apply_cmd",
