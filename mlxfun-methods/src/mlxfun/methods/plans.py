@@ -5,14 +5,14 @@ with explicit groups when the plan merges, else ``prune`` with the plan's keep m
 in docs/plans.md).
 
 Choosing the experts to remove in a layer (greedy, one at a time): the cost of removing expert
-e is its utilisation (scorer score over the layer's mean) times ``1 - s``, with ``s`` its
-similarity to the most similar expert still kept when ``s`` reaches the threshold (it would
-merge there), else times 1 (it would be pruned). The cheapest goes first (ties: lowest id);
+e is its utilisation (scorer score over the layer's mean) times ``min(1, 2 (1 - s))`` (one
+minus the cosine), with ``s`` its similarity to the most similar expert still kept when ``s``
+reaches the threshold (it would merge there), else times 1 (it would be pruned). The cheapest goes first (ties: lowest id);
 specialists go last (conservative and balanced keep them). At the end every removed expert
 merges into its most similar kept expert at or above the threshold, or is pruned.
 
 The estimated quality impact is the share of the layer's utilisation removed, each merged
-expert's counted times ``1 - similarity``: measured quantities (stats scores and the analysis's
+expert's counted times ``min(1, 2 (1 - similarity))``: measured quantities (stats scores and the analysis's
 similarity), not a measurement of quality.
 """
 
@@ -157,7 +157,8 @@ class ModelPlan:
         data["experts_after"] = sum(x.target_num_experts for x in self.layers)
         data["quality_measure"] = (
             "share of each layer's utilisation (stats scorer) removed, merged experts counted "
-            "times 1 - similarity (analysis similarity); an estimate, not a quality measurement"
+            "times min(1, 2 (1 - similarity)) (analysis similarity); an estimate, not a quality "
+            "measurement"
         )
         return data
 
@@ -228,7 +229,7 @@ def choose_removals(
     removed: list[int] = []
     for _ in range(count):
         partner = np.where(allowed & kept[None, :], similarity, -np.inf).max(axis=1)
-        cost = utilisation / mean * np.where(partner >= threshold, 1 - partner, 1.0)
+        cost = utilisation / mean * np.where(partner >= threshold, merge_loss(partner), 1.0)
         open_ = kept & (quota[group] > 0)
         if not open_.any():
             break
@@ -256,12 +257,21 @@ def assign(similarity, removed, kept, threshold: float, groups: int = 1):
     return merges, pruned
 
 
+def merge_loss(similarity):
+    """What a merge keeps of a pruning's loss: 1 - cosine, at most 1. The similarities map the
+    cosine c to (c + 1) / 2, so this is min(1, 2 (1 - s)): an orthogonal or opposite partner
+    is no better than pruning."""
+    return np.minimum(1.0, 2.0 * (1.0 - np.asarray(similarity, dtype=np.float64)))
+
+
 def impact(similarity, utilisation, merges: dict, pruned) -> float:
-    """Share of the layer's utilisation removed, merged experts times 1 - similarity."""
+    """Share of the layer's utilisation removed, merged experts times ``merge_loss``."""
     total = float(np.sum(utilisation)) or 1.0
     lost = sum(float(utilisation[e]) for e in pruned)
     for target, sources in merges.items():
-        lost += sum(float(utilisation[e]) * (1 - float(similarity[e, target])) for e in sources)
+        lost += sum(
+            float(utilisation[e]) * float(merge_loss(similarity[e, target])) for e in sources
+        )
     return lost / total
 
 
