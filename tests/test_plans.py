@@ -183,6 +183,14 @@ def test_cli_plan_apply_and_mapping(qwen, calib, tmp_path, capsys):
     out = tmp_path / "model"
     code = main(["apply", "--model", str(source), "--plan", str(plan_path), "-o", str(out)])
     assert code == 0 and (out / "mlxfun.json").is_file()
+    capsys.readouterr()
+    code = main(
+        ["plan", "--model", str(source), "--stats", str(result.stats), "--similarity", "weights",
+         "--target-experts", "6", "--json"]
+    )  # fmt: skip
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0 and data["experts_after"] == 6 * 3 and data["similarity"] == "weights"
+    assert data["size_estimate"]["bytes_after"] == data["bytes_after"]
 
 
 def test_bad_plans_and_targets_are_one_line(qwen, tmp_path, capsys):

@@ -407,6 +407,11 @@ def analyse(request: AnalyzeRequest) -> Analysis:
     for plan, layer in zip(plans, layers):
         stored = stored_experts(plan)
         sims = {k: v[:stored, :stored] for k, v in measured["similarity"][layer.position].items()}
+        if settings.similarity not in sims:
+            raise MlxfunError(
+                f"{adapter.name}: layer {plan.index}'s router has no (experts, hidden) weight "
+                "matrix; use --similarity weights (or ream with --dataset)"
+            )
         utilisation = scores[plan.position, :stored]
         rel = measured["entropy"][layer.position]
         rel = None if rel is None else rel[:stored]
