@@ -9,6 +9,7 @@ Nothing here imports MLX or numpy, so listing plugins stays fast.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -294,13 +295,19 @@ class Compressor(Protocol):
 
 @runtime_checkable
 class Intervention(Protocol):
-    """Changes a loaded model's behaviour: ``apply(model, adapter, **options)``."""
+    """Changes a loaded model's behaviour: ``apply(model, adapter, **options)``, in place; returns
+    a function that undoes the change, or None when the change stays (a weight edit)."""
 
     name: str
     description: str
 
-    def apply(self, model: mlx.nn.Module, adapter: Adapter, **options: Any) -> None:
-        """Change the loaded `model` in place; no command passes options yet."""
+    def apply(
+        self, model: mlx.nn.Module, adapter: Adapter, **options: Any
+    ) -> Callable[[], None] | None:
+        """Change the loaded `model` in place (hooks, router biases, weight edits); `options`
+        are the intervention's own (`steer`: `spec=`). Return a no-argument function that
+        restores the model exactly (run-time changes), or None (permanent ones). Route
+        through `mlxfun.core.router_bias` / `hooks` so observation sees the change."""
 
 
 @runtime_checkable

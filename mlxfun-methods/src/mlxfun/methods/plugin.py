@@ -29,6 +29,14 @@ def register_compressors(register):
 
 
 @hookimpl
+def register_interventions(register):
+    from .interventions import INTERVENTIONS
+
+    for intervention in INTERVENTIONS:
+        register(intervention)
+
+
+@hookimpl
 def register_neuron_scorers(register):
     from .neuron_scorers import NEURON_SCORERS
 
