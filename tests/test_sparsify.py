@@ -346,3 +346,21 @@ def test_an_architecture_sizing_shared_experts_from_the_key_is_refused(tmp_path,
     assert set(summary["groups"]) == {"mlp", "experts", "attention"}
     for group in summary["groups"].values():
         assert group["zeroed"] * 2 == group["weights"]
+
+
+def test_the_demo_model_keeps_its_bf16_dtype(tmp_path):
+    from pathlib import Path
+
+    from mlxfun.core.slicing import read_headers
+
+    demo = Path(__file__).resolve().parent.parent / "demo" / "model"
+    out = tmp_path / "out"
+    sparsify(SparsifyRequest(model=demo, dataset=[], output=out, method="magnitude"))
+    before, after = read_headers(demo), read_headers(out)
+    infos = {k: v for shard in after.values() for k, v in shard.items()}
+    for shard in before.values():
+        for name, info in shard.items():
+            assert infos[name]["dtype"] == info["dtype"] and infos[name]["shape"] == info["shape"]
+    w = mx.load(str(out / "model.safetensors"))["model.layers.3.mlp.switch_mlp.up_proj.weight"]
+    assert w.dtype == mx.bfloat16
+    assert np.all(np.array((w == 0).sum(-1)) == w.shape[-1] // 2)

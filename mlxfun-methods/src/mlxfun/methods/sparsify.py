@@ -107,8 +107,6 @@ def check_request(request: SparsifyRequest, nm) -> None:
         raise MlxfunError(f"--tfidf-mode must be doc or topic, got {request.tfidf_mode!r}")
     if request.batch_size < 1 or request.max_tokens < 2:
         raise MlxfunError("--batch-size must be at least 1 and --max-tokens at least 2")
-    if not request.dataset:
-        raise MlxfunError("pass a calibration --dataset (JSONL, text file or directory)")
     if request.output is None:
         raise MlxfunError("pass an --output directory")
 
@@ -163,6 +161,11 @@ def sparsify(request: SparsifyRequest) -> dict:
     nm = parse_pattern(request.pattern)
     check_request(request, nm)
     scorer = plugins.get_neuron_scorer(request.method)
+    if scorer.stats and not request.dataset:
+        raise MlxfunError(
+            f"--method {request.method} needs a calibration --dataset (JSONL, text file or "
+            "directory)"
+        )
     inputs = [request.model, *request.dataset]
     check_output(request.output, request.force, inputs)
     start = time.perf_counter()
