@@ -364,3 +364,14 @@ def test_the_demo_model_keeps_its_bf16_dtype(tmp_path):
     w = mx.load(str(out / "model.safetensors"))["model.layers.3.mlp.switch_mlp.up_proj.weight"]
     assert w.dtype == mx.bfloat16
     assert np.all(np.array((w == 0).sum(-1)) == w.shape[-1] // 2)
+
+
+def test_an_architecture_the_runner_refuses_is_one_line(tmp_path, data, capsys):
+    from .adapters.test_softmax_family import HUNYUAN
+
+    source = save_tiny_checkpoint(tmp_path / "hy", "hunyuan", dict(HUNYUAN))
+    out = tmp_path / "out"
+    assert main(["sparsify", "--model", str(source), "--dataset", str(data), "-o", str(out)]) == 1
+    line = one_error_line(capsys, progress="layers")
+    assert "cannot run it one decoder layer at a time" in line and "--method magnitude" in line
+    assert not out.exists()

@@ -242,7 +242,11 @@ def run_layers(
     if not decoder[1]:
         raise MlxfunError(f"{type(model).__name__}: found no list of decoder layers to prune")
     token_batches = [mx.array(tokens) for tokens, _ in calibration.batches]
-    runner = LayerRunner(model, None, token_batches, decoder=decoder)
+    try:
+        runner = LayerRunner(model, None, token_batches, decoder=decoder)
+    except MlxfunError as exc:  # the runner's fix names collect; ours is another
+        fix = "; only --method magnitude works without a calibration forward"
+        raise MlxfunError(str(exc).replace("; collect without --stream", fix)) from None
     path, layers = decoder
     try:
         for i, layer in enumerate(layers):

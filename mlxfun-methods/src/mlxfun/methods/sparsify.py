@@ -200,17 +200,18 @@ def sparsify(request: SparsifyRequest) -> dict:
     calibration = None
     if scorer.stats:
         calibration = load_calibration(request, tokenizer)
-        bar = _progress(request, layers)
-        run_layers(
-            model,
-            calibration,
-            targets_of,
-            on_layer,
-            options=request.stat_options(),
-            sequential=request.sequential,
-            progress=(lambda i: bar.update(1)) if bar else None,
-        )
-        if bar:
+        bar = _Progress(layers if request.progress else 0)
+        try:
+            run_layers(
+                model,
+                calibration,
+                targets_of,
+                on_layer,
+                options=request.stat_options(),
+                sequential=request.sequential,
+                progress=bar.step,
+            )
+        finally:
             bar.close()
     else:  # magnitude: no calibration forward
         from mlxfun.core.runner import all_decoder_layers
@@ -235,12 +236,25 @@ def sparsify(request: SparsifyRequest) -> dict:
     return summary
 
 
-def _progress(request, total):
-    if not request.progress:
-        return None
-    from tqdm import tqdm
+class _Progress:
+    """A tqdm bar over the decoder layers, shown from the first finished layer on (so that a
+    refusal before any layer ran is a clean error line); ``total`` 0: no bar."""
 
-    return tqdm(total=total, desc="layers", unit="layer")
+    def __init__(self, total: int):
+        self.total = total
+        self.bar = None
+
+    def step(self, index: int) -> None:
+        if self.total and self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc="layers", unit="layer")
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _layer_count(model) -> int:
