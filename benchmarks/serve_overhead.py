@@ -108,14 +108,20 @@ def single_stream(url: str, items: list[str], max_tokens: int) -> float:
 
 
 def concurrent(url: str, items: list[str], max_tokens: int, clients: int, duration: float):
-    done, tokens = [0], [0]
+    done, tokens, failed = [0], [0], [0]
     lock = threading.Lock()
     stop = time.time() + duration
 
     def client(i):
         n = i
         while time.time() < stop:
-            got = complete(url, items[n % len(items)], max_tokens)
+            try:
+                got = complete(url, items[n % len(items)], max_tokens)
+            except OSError:  # refused or reset: counted, and the client tries again
+                with lock:
+                    failed[0] += 1
+                time.sleep(0.05)
+                continue
             with lock:
                 done[0] += 1
                 tokens[0] += got
@@ -128,7 +134,7 @@ def concurrent(url: str, items: list[str], max_tokens: int, clients: int, durati
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start_time
-    return done[0] / elapsed, tokens[0] / elapsed
+    return done[0] / elapsed, tokens[0] / elapsed, failed[0]
 
 
 def main():
