@@ -244,20 +244,200 @@ def test_a_spec_for_another_model_is_refused(tmp_path):
 
 
 def test_spec_from_a_scan_report():
+    """The scans' report format (docs/scans.md): groups map decoder layers to experts; --top
+    ranks them model-wide by the group part's selection share, then risk difference."""
     report = {
-        "scan": "safety",
+        "format": 1,
+        "scan": "safety-scan",
         "fingerprint": {"model_type": "qwen3_moe"},
+        "moe_layers": [1, 3],
+        "parts": {
+            "response": {
+                "selection_frequency": [
+                    [0, 0, 0.9, 0, 0, 0, 0, 1.0],
+                    [0, 1.0, 0, 0, 0, 0.95, 0, 0],
+                ],
+                "risk_difference": [[0, 0, 0.2, 0, 0, 0, 0, 0.1], [0, 0.3, 0, 0, 0, 0.5, 0, 0]],
+            }
+        },
         "groups": {
-            "control": [{"layer": 3, "expert": 5}, {"layer": 1, "expert": 2}, [3, 1], [1, 7]],
-            "detect": {"experts": [{"layer": 1, "expert": 0}]},
+            "control": {"part": "response", "experts": {"1": [2, 7], "3": [1, 5]}},
+            "detection": {"part": "prompt", "experts": {"1": [0], "3": []}},
         },
     }
     spec = spec_from_report(report, "control", 3, "mask")
+    # ranked: (3,1) 1.0/0.3, (1,7) 1.0/0.1, (3,5) 0.95, (1,2) 0.9
     assert [r.to_json() for r in spec.rules] == [
-        {"layer": 1, "experts": [2], "mode": "mask"},
+        {"layer": 1, "experts": [7], "mode": "mask"},
         {"layer": 3, "experts": [1, 5], "mode": "mask"},
     ]
     assert spec.fingerprint == {"model_type": "qwen3_moe"}
-    assert spec_from_report(report, "detect", None, "bias", 2.0).rules[0].bias == 2.0
-    with pytest.raises(MlxfunError, match="no group 'refuse'; its groups: control, detect"):
+    assert spec_from_report(report, "detection", None, "bias", 2.0).rules[0].bias == 2.0
+    with pytest.raises(MlxfunError, match="no group 'refuse'; its groups: control, detection"):
         spec_from_report(report, "refuse", 3, "mask")
+    hand = {"groups": {"code": [{"layer": 3, "expert": 5}, [1, 2]]}}
+    assert [r.layer for r in spec_from_report(hand, "code", None, "force").rules] == [1, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# The conformance check third parties reuse
+
+
+MASK_ALL_0 = {"spec": {"rules": [{"layer": "all", "experts": [0, 1], "mode": "mask"}]}}
+
+
+class TestSteerConformance:
+    def test_the_steer_intervention_passes(self):
+        from mlxfun.core.testing import check_intervention
+
+        check_intervention(SteerIntervention(), MASK_ALL_0)
+
+    def test_an_intervention_beside_the_shared_hooks_fails(self):
+        """A router edit that the adapter's routing cannot see (a private class swap of the
+        block that re-routes) is caught by the observation check."""
+        import attrs
+        from mlxfun.core.testing import check_intervention
+
+        @attrs.define
+        class Sneaky:
+            name: str = "sneaky"
+            description: str = "swaps the experts' indices behind the observer's back"
+
+            def apply(self, model, adapter, **options):
+                def call(block, x):
+                    probs = mx.softmax(block.gate(x), axis=-1, precise=True)
+                    inds = mx.argpartition(probs, kth=-2, axis=-1)[..., -2:]
+                    inds = (inds + 1) % 8  # a private re-routing
+                    scores = mx.take_along_axis(probs, inds, axis=-1)
+                    y = block.switch_mlp(x, inds)
+                    return (y * scores[..., None]).sum(axis=-2)
+
+                restore = []
+                for layer in adapter.moe_layers(model):
+                    cls = type(layer.block)
+                    layer.block.__class__ = type(cls.__name__, (cls,), {"__call__": call})
+                    restore.append((layer.block, cls))
+
+                def undo():
+                    for module, cls in restore:
+                        module.__class__ = cls
+
+                return undo
+
+        with pytest.raises(AssertionError, match="sneaky.*observation does not see"):
+            check_intervention(Sneaky())
+
+    def test_a_wrong_undo_fails(self):
+        from mlxfun.core.testing import check_intervention
+
+        class Leaky:
+            name = "leaky"
+            description = "steers and forgets to undo"
+
+            def apply(self, model, adapter, **options):
+                SteerIntervention().apply(model, adapter, **MASK_ALL_0)
+                return lambda: None
+
+        with pytest.raises(AssertionError, match="did not restore"):
+            check_intervention(Leaky())
+
+
+from mlxfun.core.testing import PluginConformance  # noqa: E402
+
+
+class TestSteerPluginConformance(PluginConformance):
+    plugin_kind = "intervention"
+    plugin_object = SteerIntervention()
+    checks = {"options": MASK_ALL_0}
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands
+
+
+def test_steer_spec_and_generate_commands(tmp_path, capsys):
+    from mlxfun.cli.app import main
+
+    source, adapter = write_dir(tmp_path / "model", *CASES[0][1:], None)
+    report = tmp_path / "report.json"
+    report.write_text(
+        json.dumps({"scan": "domain", "groups": {"code": [[0, 3], [1, 5], [0, 4], [1, 1]]}})
+    )
+    spec_file = tmp_path / "spec.json"
+    assert main(
+        [
+            "steer",
+            "spec",
+            "--from",
+            str(report),
+            "--group",
+            "code",
+            "--top",
+            "3",
+            "--mode",
+            "force",
+            "-o",
+            str(spec_file),
+        ]
+    ) in (0, None)
+    spec = json.loads(spec_file.read_text())
+    assert spec["rules"] == [
+        {"layer": 0, "experts": [3, 4], "mode": "force"},
+        {"layer": 1, "experts": [5], "mode": "force"},
+    ]
+    capsys.readouterr()
+    code = main(
+        [
+            "steer",
+            "generate",
+            "--model",
+            str(source),
+            "--spec",
+            str(spec_file),
+            "--prompt",
+            "hello",
+            "--compare",
+            "--max-tokens",
+            "6",
+            "--json",
+        ]
+    )
+    assert code in (0, None)
+    answers = json.loads(capsys.readouterr().out)["answers"]
+    assert set(answers[0]) == {"prompt", "steered", "plain"}
+    from mlx_lm import generate
+
+    model, tokenizer = mlx_lm_load(str(source))
+    assert answers[0]["plain"] == generate(model, tokenizer, "hello", max_tokens=6)
+    with steering(model, spec_file, adapter=adapter):
+        assert answers[0]["steered"] == generate(model, tokenizer, "hello", max_tokens=6)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--group", "nope"], "has no group 'nope'"),
+        (["--group", "code", "--mode", "bias"], "needs --bias"),
+        (["--group", "code", "--mode", "push"], "--mode must be one of"),
+    ],
+)
+def test_steer_spec_bad_input_is_one_line(tmp_path, capsys, args, message):
+    from mlxfun.cli.app import main
+
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"groups": {"code": [[0, 3]]}}))
+    code = main(["steer", "spec", "--from", str(report), "-o", str(tmp_path / "s.json"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code not in (0, None) and message in err and len(err.splitlines()) == 1
+
+
+def test_steer_generate_refuses_a_spec_for_other_layers(tmp_path, capsys):
+    from mlxfun.cli.app import main
+
+    source, _ = write_dir(tmp_path / "model", *CASES[0][1:], None)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"rules": [{"layer": 7, "experts": [0], "mode": "mask"}]}))
+    code = main(["steer", "generate", "--model", str(source), "--spec", str(spec), "-p", "x"])
+    err = capsys.readouterr().err.strip()
+    assert code not in (0, None) and "layer 7 is not an MoE layer" in err
+    assert len(err.splitlines()) == 1

@@ -20,9 +20,17 @@ COMMAND_MODULES = (
     "stats_cmd",
     "prune_cmd",
     "steer_cmd",
+    "amplify_cmd",
     "merge_cmd",
     "check_cmd",
+    "scan_cmd",
     "serve_cmd",
+    "abliterate_cmd",
+    "analyze_cmd",
+    "plan_cmd",
+    "apply_cmd",
+    "sparsify_cmd",
+    "prune_neurons_cmd",
 )
 
 

@@ -52,6 +52,27 @@ def _remove(module, wrapper):
         module.__class__ = cls.__mro__[1]
 
 
+def install_hooks(hooks):
+    """Install ``(module, wrapper)`` pairs now; returns the function that removes them (for
+    changes that outlive a ``with`` block, like an intervention's ``apply``)."""
+    installed = []
+
+    def remove():
+        while installed:
+            _remove(*installed.pop())
+
+    try:
+        for module, wrapper in hooks:
+            if any(m is module and w is wrapper for m, w in installed):
+                raise RuntimeError(f"{type(module).__name__} is already hooked by this wrapper")
+            _install(module, wrapper)
+            installed.append((module, wrapper))
+    except BaseException:
+        remove()
+        raise
+    return remove
+
+
 @contextmanager
 def call_hooks(hooks):
     """Install ``(module, wrapper)`` pairs for the duration of the block.
@@ -61,17 +82,11 @@ def call_hooks(hooks):
     wrappers on one module chain: the last installed runs first and its ``call`` runs the one
     installed before it. The same wrapper object twice on one module is refused.
     """
-    installed = []
+    remove = install_hooks(hooks)
     try:
-        for module, wrapper in hooks:
-            if any(m is module and w is wrapper for m, w in installed):
-                raise RuntimeError(f"{type(module).__name__} is already hooked by this wrapper")
-            _install(module, wrapper)
-            installed.append((module, wrapper))
         yield
     finally:
-        for module, wrapper in reversed(installed):
-            _remove(module, wrapper)
+        remove()
 
 
 # id(block) -> (block, bias): biases on raw-array routers (see the module docstring)
@@ -84,17 +99,19 @@ def router_bias(block):
     return entry[1] if entry is not None and entry[0] is block else None
 
 
-@contextmanager
-def router_biases(pairs):
-    """Register ``(block, bias)`` pairs for the duration of the block; a block takes one."""
+def register_router_biases(pairs):
+    """Register ``(block, bias)`` pairs now (a block takes one); returns the function that
+    unregisters them."""
     added = []
-    try:
-        for block, bias in pairs:
-            if router_bias(block) is not None:
-                raise RuntimeError(f"{type(block).__name__} already has a router bias")
-            _router_biases[id(block)] = (block, bias)
-            added.append(id(block))
-        yield
-    finally:
-        for key in added:
-            _router_biases.pop(key, None)
+
+    def remove():
+        while added:
+            _router_biases.pop(added.pop(), None)
+
+    for block, bias in pairs:
+        if router_bias(block) is not None:
+            remove()
+            raise RuntimeError(f"{type(block).__name__} already has a router bias")
+        _router_biases[id(block)] = (block, bias)
+        added.append(id(block))
+    return remove

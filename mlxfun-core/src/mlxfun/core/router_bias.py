@@ -17,15 +17,16 @@ scores it selects experts by, so that the block's own code does the rest of its 
   ``MoEAdapter.router_logits``) and the gate module's call returns the adapter's routing of
   the biased logits (the adapter repeats the block's routing exactly).
 
-``router_bias_context(model, adapter, {position: b})`` installs biases for a ``with`` block;
+``install_router_biases(model, adapter, {position: b})`` installs biases and returns the
+function that removes them; ``router_bias_context`` does the same for a ``with`` block;
 observation (``core.observe.Observer``) inside it sees the steered routing, since the adapter's
 recomputation goes through the same hooked router, patched correction bias or registered bias.
 """
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 from .adapter import MoEAdapter, MoELayer, get_path
-from .hooks import call_hooks, router_biases
+from .hooks import install_hooks, register_router_biases
 
 POINTS = ("correction", "router", "gate")
 
@@ -59,6 +60,37 @@ def bias_point(adapter: MoEAdapter, layer: MoELayer) -> str:
     return "router" if isinstance(router, nn.Module) else "gate"
 
 
+def normalised_scores(adapter: MoEAdapter, layer: MoELayer) -> bool:
+    """Whether one expert's logit changes the others' router scores (a softmax over the
+    experts), probed on zero logits; a sigmoid router's scores are per expert."""
+    import mlx.core as mx
+
+    zero = mx.zeros((1, layer.num_experts), dtype=mx.float32)
+    low = mx.concatenate([mx.array([[-1e9]], dtype=mx.float32), zero[:, 1:]], axis=-1)
+    a = adapter.router_scores(layer.block, zero)[..., 1:]
+    b = adapter.router_scores(layer.block, low)[..., 1:]
+    return not mx.allclose(a, b).item()
+
+
+def removal_logits(adapter: MoEAdapter, layer: MoELayer, bias, removal=-1e8):
+    """At the ``correction`` point, the logit bias that also takes removed experts (bias at or
+    below ``removal``) out of a softmax router's normalisation, as if they were pruned; None
+    when nothing needs it (no removal, sigmoid scores, or a router that is not a module: the
+    raw-array routers with a correction bias, the DeepSeek-V3 family, are sigmoid-scored)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    if removal is None:
+        return None
+    bias = mx.array(bias, dtype=mx.float32)
+    removed = mx.where(bias <= removal, bias, 0.0)
+    if not mx.any(removed).item():
+        return None
+    if not isinstance(get_path(layer.block, adapter.router_attr), nn.Module):
+        return None
+    return removed if normalised_scores(adapter, layer) else None
+
+
 def _router_hook(bias):
     def wrapper(module, call, x, *args, **kwargs):
         out = call(x, *args, **kwargs)
@@ -74,19 +106,18 @@ def _gate_hook(adapter, block):
     return wrapper
 
 
-@contextmanager
-def router_bias_context(
+def install_router_biases(
     model, adapter: MoEAdapter, biases: dict, layers=None, removal: float | None = -1e8
 ):
     """Add ``biases[position]`` (a float32 array, one value per expert the router can pick) to
-    the routing of those MoE layers for the duration of the block; ``layers`` are the model's
-    MoE layers when the caller has them. Values at or below ``removal`` remove the expert: at
-    the ``correction`` point they also go on the router's logits when the router is a module,
-    so that a softmax router's scores are normalised without it, as if it were pruned (a raw
+    the routing of those MoE layers now; returns the function that restores the model exactly
+    (``router_bias_context`` is the same as a ``with`` block). ``layers``: the model's MoE
+    layers when the caller has them. Values at or below ``removal`` remove the expert: at the
+    ``correction`` point they also go on the router's logits when the router is a module, so
+    that a softmax router's scores are normalised without it, as if it were pruned (a raw
     array router with a correction bias, the DeepSeek-V3 family, is sigmoid-scored, where
-    removal from the selection suffices). Everything is restored on exit, also on error."""
+    removal from the selection suffices)."""
     import mlx.core as mx
-    import mlx.nn as nn
 
     layers = adapter.moe_layers(model) if layers is None else layers
     hooks, registered, patches = [], [], []
@@ -104,13 +135,9 @@ def router_bias_context(
             owner, attr, value = correction_bias(adapter, layer.block)
             steered = (value.astype(mx.float32) + bias).astype(value.dtype)
             patches.append((owner, attr, value, steered))
-            # A removed expert also leaves the scores' normalisation (a softmax router whose
-            # weights are not renormalised over the top-k): its logit gets the same bias.
-            router = get_path(layer.block, adapter.router_attr)
-            if removal is not None and isinstance(router, nn.Module):
-                removed = mx.where(bias <= removal, bias, 0.0)
-                if mx.any(removed).item():
-                    hooks.append((router, _router_hook(removed)))
+            removed = removal_logits(adapter, layer, bias, removal)
+            if removed is not None:
+                hooks.append((get_path(layer.block, adapter.router_attr), _router_hook(removed)))
         elif point == "router":
             hooks.append((get_path(layer.block, adapter.router_attr), _router_hook(bias)))
         else:
@@ -118,15 +145,31 @@ def router_bias_context(
             gate = get_path(layer.block, gate_path) if gate_path else layer.block
             registered.append((layer.block, bias))
             hooks.append((gate, _gate_hook(adapter, layer.block)))
-    with ExitStack() as stack:
-        stack.enter_context(router_biases(registered))
-        stack.enter_context(call_hooks(hooks))
-        stack.callback(_restore, patches)
-        for owner, attr, _, steered in patches:
-            setattr(owner, attr, steered)
+    unregister = register_router_biases(registered)
+    try:
+        unhook = install_hooks(hooks)
+    except BaseException:
+        unregister()
+        raise
+    for owner, attr, _, steered in patches:
+        setattr(owner, attr, steered)
+
+    def restore():
+        for owner, attr, value, _ in reversed(patches):
+            setattr(owner, attr, value)
+        patches.clear()
+        unhook()
+        unregister()
+
+    return restore
+
+
+@contextmanager
+def router_bias_context(model, adapter: MoEAdapter, biases: dict, layers=None, **options):
+    """``install_router_biases`` for the duration of the block; restored on exit, also on
+    error."""
+    restore = install_router_biases(model, adapter, biases, layers, **options)
+    try:
         yield
-
-
-def _restore(patches):
-    for owner, attr, value, _ in reversed(patches):
-        setattr(owner, attr, value)
+    finally:
+        restore()

@@ -252,21 +252,29 @@ def check_spec_fingerprint(spec: SteeringSpec, model, adapter, layers, config: d
         )
 
 
+def install_steering(model, spec, adapter=None, config: dict | None = None):
+    """Install the spec's biases in the model's routing now; returns the function that removes
+    them (the ``steer`` intervention's ``apply``). Arguments as for ``steering``."""
+    from mlxfun.core.router_bias import install_router_biases
+
+    spec = as_spec(spec)
+    adapter = adapter or adapter_of(model, config)
+    layers = adapter.moe_layers(model)
+    check_spec_fingerprint(spec, model, adapter, layers, config)
+    return install_router_biases(model, adapter, layer_biases(spec, layers), layers)
+
+
 @contextmanager
 def steering(model, spec, adapter=None, config: dict | None = None):
     """``with steering(model, spec): mlx_lm.generate(model, ...)``: the spec's biases enter the
     model's routing for the duration of the block (nothing is left behind afterwards).
     ``spec``: a ``SteeringSpec``, its JSON as a dict, or a path; ``config``: the model's
     config.json (to check the spec's fingerprint fully and find the adapter)."""
-    from mlxfun.core.router_bias import router_bias_context
-
-    spec = as_spec(spec)
-    adapter = adapter or adapter_of(model, config)
-    layers = adapter.moe_layers(model)
-    check_spec_fingerprint(spec, model, adapter, layers, config)
-    biases = layer_biases(spec, layers)
-    with router_bias_context(model, adapter, biases, layers):
+    restore = install_steering(model, spec, adapter, config)
+    try:
         yield
+    finally:
+        restore()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,11 +284,15 @@ def steering(model, spec, adapter=None, config: dict | None = None):
 def spec_from_report(
     report: dict, group: str, top: int | None, mode: str, bias: float = 0.0, where="report"
 ) -> SteeringSpec:
-    """A spec from a scan report (``mlxfun.methods.scan`` JSON): the ``top`` experts of
-    ``group`` (all of them when None), in the order the report ranks them."""
+    """A spec from a scan report (``mlxfun safety-scan`` / ``domain-scan`` JSON, docs/scans.md):
+    the ``top`` experts of ``group`` over the whole model (all of them when None), ranked as
+    ``ranked_group`` ranks them; the report's fingerprint is kept, so the spec is checked
+    against the model it is applied to."""
     if mode not in MODES:
         raise MlxfunError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
-    experts = _group_experts(report, group, where)
+    experts = ranked_group(report, group, where)
+    if not experts:
+        raise MlxfunError(f"{where}: group {group!r} has no experts; nothing to steer")
     if top is not None:
         if top < 1:
             raise MlxfunError("--top must be at least 1")
@@ -291,14 +303,16 @@ def spec_from_report(
     rules = tuple(
         Rule(layer, tuple(sorted(e)), mode, float(bias)) for layer, e in sorted(by_layer.items())
     )
-    source = {"report": report.get("scan") or report.get("kind"), "group": group, "top": top}
+    source = {"scan": report.get("scan"), "model": report.get("model"), "group": group, "top": top}
     return SteeringSpec(rules, report.get("fingerprint"), source)
 
 
-def _group_experts(report: dict, group: str, where: str) -> list[tuple[int, int]]:
-    """``[(decoder layer, expert), ...]`` of a report's group, best first. Accepts a group
-    as a list of ``{"layer", "expert"}`` objects or ``[layer, expert]`` pairs, under
-    ``report["groups"][group]`` (a list, or an object with an ``experts`` list)."""
+def ranked_group(report: dict, group: str, where: str = "report") -> list[tuple[int, int]]:
+    """``[(decoder layer, expert), ...]`` of a report's group, best first: by the group part's
+    ``selection_frequency``, then ``risk_difference`` (both highest first), then layer and
+    expert; in the report's order when it has no such statistics. A group is
+    ``{"experts": {"<layer>": [ids]}}`` (the scans' format), or a list of ``{"layer",
+    "expert"}`` objects or ``[layer, expert]`` pairs (hand-written, already ranked)."""
     groups = report.get("groups") if isinstance(report, dict) else None
     if not isinstance(groups, dict) or not groups:
         raise MlxfunError(f"{where} has no expert groups; pass the JSON report of a scan")
@@ -306,12 +320,42 @@ def _group_experts(report: dict, group: str, where: str) -> list[tuple[int, int]
         raise MlxfunError(
             f"{where} has no group {group!r}; its groups: {', '.join(sorted(groups))}"
         )
-    items = groups[group]
+    entry = groups[group]
+    items = entry.get("experts") if isinstance(entry, dict) else entry
     if isinstance(items, dict):
-        items = items.get("experts")
+        try:
+            pairs = [(int(layer), int(e)) for layer, ids in items.items() for e in ids or ()]
+        except (TypeError, ValueError):
+            raise MlxfunError(
+                f"{where}: group {group!r} is not a map of layers to experts"
+            ) from None
+        part = (report.get("parts") or {}).get(entry.get("part")) or {}
+        return sorted(pairs, key=_ranking(report, part))
     if not isinstance(items, list):
         raise MlxfunError(f"{where}: group {group!r} is not a list of experts")
     return list(_pairs(items, f"{where}: group {group!r}"))
+
+
+def _ranking(report: dict, part: dict):
+    positions = {layer: p for p, layer in enumerate(report.get("moe_layers") or [])}
+
+    def value(name, layer, expert):
+        rows = part.get(name)
+        try:
+            return float(rows[positions[layer]][expert])
+        except (TypeError, KeyError, IndexError, ValueError):
+            return 0.0
+
+    def key(pair):
+        layer, expert = pair
+        return (
+            -value("selection_frequency", layer, expert),
+            -value("risk_difference", layer, expert),
+            layer,
+            expert,
+        )
+
+    return key
 
 
 def _pairs(items: Iterable, where: str):
