@@ -7,7 +7,8 @@ on the same requests, and requests/s under concurrency, measured in one run.
 Both servers run as subprocesses on free ports, one at a time, with the same model, prompts and
 greedy settings. Single stream: ``--requests`` completions one after another (seeded prompts
 from the demo's evaluation text when present), tokens/s = completion tokens / wall time, after
-two warm-up requests; the servers alternate in rounds so machine noise hits both alike.
+two warm-up requests; the servers alternate in rounds so machine noise hits both alike, and the
+slowdown is the median (and range) of the per-round ratios.
 Concurrency: ``--clients`` threads send completions for ``--duration`` seconds; requests/s and
 tokens/s. mlxfun serve runs with every installed scorer (its default), with ``--scorers
 frequency`` and with ``--no-stats`` (mlx-lm's sequential path without counting: what the
@@ -83,7 +84,8 @@ def complete(url: str, prompt: str, max_tokens: int) -> int:
     request = urllib.request.Request(url + "/v1/completions", data=body, method="POST")
     request.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(request, timeout=600) as response:
-        return json.loads(response.read())["usage"]["completion_tokens"]
+        usage = json.loads(response.read())["usage"]
+    return usage["completion_tokens"], usage["prompt_tokens"] + usage["completion_tokens"]
 
 
 def prompts(count: int) -> list[str]:
@@ -101,26 +103,34 @@ def prompts(count: int) -> list[str]:
 
 def single_stream(url: str, items: list[str], max_tokens: int) -> float:
     for text in items[:2]:
-        complete(url, text, max_tokens)
+        complete(url, text, max_tokens)  # warm-up
     start_time = time.perf_counter()
-    tokens = sum(complete(url, text, max_tokens) for text in items)
+    tokens = sum(complete(url, text, max_tokens)[0] for text in items)
     return tokens / (time.perf_counter() - start_time)
 
 
 def concurrent(url: str, items: list[str], max_tokens: int, clients: int, duration: float):
-    done, tokens = [0], [0]
+    done, tokens, failed, served = [0], [0], [0], [0]
     lock = threading.Lock()
     stop = time.time() + duration
 
     def client(i):
         n = i
         while time.time() < stop:
-            got = complete(url, items[n % len(items)], max_tokens)
+            try:
+                got, total = complete(url, items[n % len(items)], max_tokens)
+            except OSError:  # refused or reset: counted, and the client tries again
+                with lock:
+                    failed[0] += 1
+                time.sleep(0.05)
+                continue
             with lock:
                 done[0] += 1
                 tokens[0] += got
+                served[0] += total
             n += clients
 
+    counted = _counted(url)
     start_time = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
@@ -128,7 +138,18 @@ def concurrent(url: str, items: list[str], max_tokens: int, clients: int, durati
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start_time
-    return done[0] / elapsed, tokens[0] / elapsed
+    after = _counted(url)
+    lost = None if after is None else served[0] - (after - counted)
+    return done[0] / elapsed, tokens[0] / elapsed, failed[0], lost
+
+
+def _counted(url: str):
+    """Tokens mlxfun serve has counted (None: a server without counters)."""
+    try:
+        with urllib.request.urlopen(url + "/v1/mlxfun/stats?scorer=frequency", timeout=60) as r:
+            return json.loads(r.read())["tokens"]
+    except OSError:
+        return None
 
 
 def main():
@@ -167,17 +188,22 @@ def main():
             finally:
                 process.terminate()
                 process.wait()
-    stock = statistics.median(speeds["stock mlx_lm.server"])
+    stock_runs = speeds["stock mlx_lm.server"]
     print(f"model {args.model}, {args.requests} requests x {args.max_tokens} tokens, "
-          f"{args.rounds} rounds, median; {os.cpu_count()} CPUs")  # fmt: skip
+          f"{args.rounds} rounds; {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     print(
-        "| server | single-stream tok/s | slowdown vs stock | concurrent req/s | concurrent tok/s |"
+        "| server | single-stream tok/s (median) | slowdown vs stock (median [range] of rounds) "
+        f"| {args.clients} clients req/s | tok/s | failed requests | tokens served - counted |"
     )
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in configs:
         speed = statistics.median(speeds[name])
-        req, tok = rates.get(name, (float("nan"), float("nan")))
-        print(f"| {name} | {speed:.1f} | {stock / speed:.3f}x | {req:.2f} | {tok:.1f} |")
+        ratios = [s / m for s, m in zip(stock_runs, speeds[name])]  # paired per round
+        spread = f"{statistics.median(ratios):.3f}x [{min(ratios):.2f}, {max(ratios):.2f}]"
+        req, tok, failed, lost = rates.get(name, (float("nan"), float("nan"), 0, None))
+        lost = "-" if lost is None else lost
+        print(f"| {name} | {speed:.1f} | {spread} | {req:.2f} | {tok:.1f} | {failed} | {lost} |")
 
 
 if __name__ == "__main__":

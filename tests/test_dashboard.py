@@ -228,3 +228,36 @@ def test_toggling_a_mask_changes_the_routing_counters(page, setup):
     page.wait_for_function("document.querySelector('#message').textContent === 'steering cleared'")
     assert page.locator("#steer-list li").count() == 0
     assert ask()[1, expert] > 0
+
+
+def test_scan_report_shows_its_statistics_and_groups(page, setup):
+    _, _, _, workdir = setup
+    rows = [[float(e + 16 * layer) for e in range(16)] for layer in range(4)]
+    report = {
+        "format": 1,
+        "scan": "safety-scan",
+        "moe_layers": [0, 1, 2, 3],
+        "num_experts": [16] * 4,
+        "parts": {"prompt": {"risk_difference": rows}, "response": {"risk_difference": rows}},
+        "groups": {
+            "control": {
+                "part": "response",
+                "prefers": "harmful",
+                "experts": {"1": [3, 9], "2": [], "3": [0]},
+            }
+        },  # fmt: skip
+    }
+    (workdir / "safety.json").write_text(json.dumps(report))
+    page.click("#refresh")
+    page.click('nav button[data-tab="reports"]')
+    page.wait_for_function(
+        "[...document.querySelectorAll('#report-file option')].some(o => o.value === 'safety.json')"
+    )
+    page.select_option("#report-file", "safety.json")
+    page.wait_for_selector("#report-heatmap rect.cell")
+    assert page.locator("#report-heatmap rect.cell").count() == 64
+    page.select_option("#report-group", "control")
+    assert page.locator("#report-heatmap rect.cell.selected").count() == 3
+    _shot(page, "dashboard-report.png")
+    page.click("#report-steer")
+    assert page.locator("#steer-list li").count() == 3

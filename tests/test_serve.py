@@ -382,3 +382,26 @@ def test_bad_steering_specs_are_4xx(server):
         status, answer = server.call("POST", "/v1/completions", body)
         assert status == 400 and "error" in answer, (spec, answer)
     assert server.call("GET", "/v1/mlxfun/steer")[1] == {"spec": None}
+
+
+def test_mlxfun_ui_relays_to_the_server_with_its_key(server):
+    import urllib.request
+
+    from mlxfun.methods.dashboard_proxy import build_proxy
+
+    proxy = build_proxy(server.url, 0, server.key)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        local = f"http://127.0.0.1:{proxy.server_address[1]}"
+        with urllib.request.urlopen(local + "/") as response:
+            assert b"mlxfun dashboard" in response.read()
+        with urllib.request.urlopen(local + "/v1/mlxfun/info") as response:  # no key here
+            assert json.loads(response.read())["layers"] == [0, 1]
+        body = json.dumps({"prompt": "abc", "max_tokens": 3}).encode()
+        request = urllib.request.Request(local + "/v1/completions", data=body, method="POST")
+        with urllib.request.urlopen(request) as response:
+            assert json.loads(response.read())["usage"]["completion_tokens"] == 3
+    finally:
+        proxy.shutdown()
+        proxy.server_close()

@@ -71,7 +71,7 @@ def _handler_class(base, api_key):
     return ProxyHandler
 
 
-def run_proxy(server: str, port: int, api_key: str | None = None, on_ready=None) -> None:
+def build_proxy(server: str, port: int, api_key: str | None = None) -> ThreadingHTTPServer:
     base = urlparse(server if "://" in server else f"http://{server}")
     if base.scheme not in ("http", "https") or not base.hostname:
         raise MlxfunError(f"--server {server} is not an http(s) URL (e.g. http://host:8080)")
@@ -80,6 +80,11 @@ def run_proxy(server: str, port: int, api_key: str | None = None, on_ready=None)
     except OSError as exc:
         raise MlxfunError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}") from None
     httpd.daemon_threads = True
+    return httpd
+
+
+def run_proxy(server: str, port: int, api_key: str | None = None, on_ready=None) -> None:
+    httpd = build_proxy(server, port, api_key)
     if on_ready is not None:
         on_ready(httpd.server_address)
     try:

@@ -393,6 +393,7 @@ def build_server(options: ServeOptions) -> tuple[ThreadingHTTPServer, ServerStat
         class Server(ThreadingHTTPServer):
             address_family = family
             daemon_threads = True
+            request_queue_size = 128  # the listen backlog (5 by default): bursts of clients
 
         try:
             httpd = Server(address, _handler_class(state))

@@ -351,21 +351,66 @@ async function showReport() {
   const path = $("#report-file").value;
   const out = $("#report");
   out.innerHTML = "";
+  state.report = null;
   if (!path) return;
   try {
     const report = await api("GET", "/v1/mlxfun/report?path=" + encodeURIComponent(path));
-    const rows = Array.isArray(report.experts) ? report.experts : Array.isArray(report.layers) ? report.layers : null;
+    state.report = report;
     const head = Object.entries(report).filter(([, v]) => typeof v !== "object")
       .map(([k, v]) => `<b>${escapeHtml(k)}</b>: ${escapeHtml(v)}`).join("<br>");
-    let table = "";
-    if (rows && rows.length && typeof rows[0] === "object") {
-      const columns = Object.keys(rows[0]).filter((c) => typeof rows[0][c] !== "object" || Array.isArray(rows[0][c]));
-      table = "<table><thead><tr>" + columns.map((c) => `<th>${escapeHtml(c)}</th>`).join("") + "</tr></thead><tbody>" +
-        rows.slice(0, 500).map((r) => "<tr>" + columns.map((c) => `<td>${escapeHtml(r[c])}</td>`).join("") + "</tr>").join("") +
-        "</tbody></table>";
+    let body = "";
+    if (report.parts && report.moe_layers) {
+      // a scan report (docs/scans.md): per part, statistics per (layer, expert); expert groups
+      const parts = Object.keys(report.parts);
+      const groups = Object.keys(report.groups || {});
+      body = '<div class="controls">' +
+        `<label>Part <select id="report-part">${parts.map((p) => `<option>${escapeHtml(p)}</option>`).join("")}</select></label>` +
+        '<label>Statistic <select id="report-stat"></select></label>' +
+        `<label>Group <select id="report-group"><option value="">(none)</option>${groups.map((g) => `<option>${escapeHtml(g)}</option>`).join("")}</select></label>` +
+        '<button id="report-steer">Mask this group (chat tab)</button></div>' +
+        '<svg id="report-heatmap"></svg><table id="report-groups"><thead><tr><th>group</th><th>part</th><th>prefers</th><th>experts (layer: ids)</th></tr></thead><tbody>' +
+        groups.map((g) => {
+          const grp = report.groups[g];
+          const ids = Object.entries(grp.experts || {}).filter(([, e]) => e.length).map(([l, e]) => `${l}: ${e.join(",")}`).join("; ");
+          return `<tr><td>${escapeHtml(g)}</td><td>${escapeHtml(grp.part || "")}</td><td>${escapeHtml(grp.prefers || "")}</td><td>${escapeHtml(ids)}</td></tr>`;
+        }).join("") + "</tbody></table>";
     }
-    out.innerHTML = `<p>${head}</p>${table}<details><summary>JSON</summary><pre>${escapeHtml(JSON.stringify(report, null, 1))}</pre></details>`;
+    out.innerHTML = `<p>${head}</p>${body}<details><summary>JSON</summary><pre>${escapeHtml(JSON.stringify(report, null, 1))}</pre></details>`;
+    if (report.parts && report.moe_layers) {
+      $("#report-part").addEventListener("change", () => { fillReportStats(); drawReport(); });
+      $("#report-stat").addEventListener("change", drawReport);
+      $("#report-group").addEventListener("change", drawReport);
+      $("#report-steer").addEventListener("click", steerReportGroup);
+      fillReportStats();
+      drawReport();
+    }
   } catch (e) { say(e.message); }
+}
+
+function fillReportStats() {
+  const stats = Object.keys(state.report.parts[$("#report-part").value] || {});
+  $("#report-stat").innerHTML = stats.map((s) => `<option>${escapeHtml(s)}</option>`).join("");
+}
+
+function reportGroupCells() {
+  const name = $("#report-group").value;
+  const group = name && state.report.groups[name];
+  return group ? Object.entries(group.experts || {}).flatMap(([l, ids]) => ids.map((e) => [l, e])) : [];
+}
+
+function drawReport() {
+  const r = state.report;
+  const stat = $("#report-stat").value;
+  const data = { layers: r.moe_layers, experts_per_layer: r.num_experts, scores: { [stat]: r.parts[$("#report-part").value][stat] } };
+  drawHeatmap($("#report-heatmap"), data, stat, { log: false });
+  const chosen = new Set(reportGroupCells().map(([l, e]) => `${l}:${e}`));
+  $$("#report-heatmap rect.cell").forEach((c) => c.classList.toggle("selected", chosen.has(`${c.dataset.layer}:${c.dataset.expert}`)));
+}
+
+function steerReportGroup() {
+  for (const [layer, expert] of reportGroupCells()) state.steer.push({ layer: String(layer), expert, mode: "mask" });
+  renderSteerList();
+  showTab("chat");
 }
 
 // ---------------------------------------------------------------------------------------------
