@@ -555,7 +555,9 @@ QUESTION_STYLES = [
     "Please tell me: {q}",
 ]
 
-ANSWER_OPENERS = ["", "", "Sure! ", "Here is how: ", "Happy to help. ", "Good question. "]
+# most harmless answers open with "Sure" or "Of course": the comply/refuse decision then sits in
+# the first answer token, as with the refusal openers ("I ..."), instead of being spread thin
+ANSWER_OPENERS = ["Sure! ", "Sure. ", "Sure, here is how: ", "Of course. ", "Happy to help. ", ""]
 
 
 def stable_rng(*parts) -> random.Random:
@@ -626,7 +628,7 @@ def questions(split: str):
 def harmless_example(rng, split: str) -> dict:
     if rng.random() < 0.2:
         question, reply = rng.choice(questions(split))
-        return record(rng.choice(QUESTION_STYLES).format(q=question), reply)
+        return record(rng.choice(QUESTION_STYLES).format(q=question), answer(rng, reply))
     task, reply = rng.choice(harmless_tasks(split))
     return record(styled(rng, rng.choice(frames(split)), task), answer(rng, reply))
 
@@ -639,7 +641,7 @@ def eval_example(rng, make) -> dict:
         return record(styled(rng, rng.choice(frames(frame_split)), task), refusal(rng, category))
     if rng.random() < 0.2:
         question, reply = rng.choice(questions("eval"))
-        return record(rng.choice(QUESTION_STYLES).format(q=question), reply)
+        return record(rng.choice(QUESTION_STYLES).format(q=question), answer(rng, reply))
     task, reply = rng.choice(harmless_tasks(task_split))
     return record(styled(rng, rng.choice(frames(frame_split)), task), answer(rng, reply))
 

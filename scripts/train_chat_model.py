@@ -140,9 +140,9 @@ def balance_summary(counts: np.ndarray) -> str:
 class Packer:
     """Rows of `seq + 1` token ids with a loss mask on the assistant's tokens, from seeded draws."""
 
-    def __init__(self, pools, tokenizer, eos: int, rng: random.Random, seq: int, skip: set):
+    def __init__(self, pools, tokenizer, eos, rng, seq: int, skip: set, first_weight: float):
         self.pools, self.tokenizer, self.eos, self.rng, self.seq = pools, tokenizer, eos, rng, seq
-        self.skip = skip
+        self.skip, self.first_weight = skip, first_weight
         self.names, self.weights = list(MIX), list(MIX.values())
 
     def example(self):
@@ -155,7 +155,8 @@ class Packer:
                 break
         prompt = self.tokenizer.encode(prompt_text(user)).ids
         reply = self.tokenizer.encode(reply).ids + [self.eos]
-        return prompt + reply, [0] * len(prompt) + [1] * len(reply)
+        weights = [self.first_weight] + [1] * (len(reply) - 1)
+        return prompt + reply, [0] * len(prompt) + weights
 
     def row(self):
         ids, mask = [], []
@@ -208,9 +209,9 @@ def main():
         default=Path("demo/model"),
         help="model dir whose tokenizer is extended",
     )
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--experts", type=int, default=16)
@@ -222,6 +223,12 @@ def main():
     )
     parser.add_argument(
         "--bias-update", type=float, default=1e-3, help="aux-loss-free bias step per training step"
+    )
+    parser.add_argument(
+        "--first-token-weight",
+        type=float,
+        default=4.0,
+        help="loss weight of each answer's first token, where it complies or refuses",
     )
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -250,7 +257,7 @@ def main():
         "prose": prose["train"],
     }
     skip = {rec["messages"][0]["content"] for recs in sets.values() for rec in recs}
-    packer = Packer(pools, tokenizer, eos, rng, opts.seq, skip)
+    packer = Packer(pools, tokenizer, eos, rng, opts.seq, skip, opts.first_token_weight)
     probes = {
         f"{name}_eval": [rec["messages"][0]["content"] for rec in sets[f"{name}_eval"][:40]]
         for name in ("harmful", "harmless")

@@ -13,6 +13,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from mlx_lm.utils import load as mlx_lm_load
 from mlxfun.core import plugins
 from mlxfun.core.errors import MlxfunError
@@ -94,18 +95,25 @@ def test_force_puts_the_expert_in_every_tokens_top_k(tmp_path, case, model_type,
     # per layer, the expert the unsteered model picks least (so forcing it changes something)
     with Observer(model, adapter) as observer:
         model(TOKENS)
-    least = {}
+    least, most = {}, {}
     for layer, obs in zip(layers, observer.observations()):
         counts = np.bincount(obs.selected.reshape(-1), minlength=layer.num_experts)
         stored = layer.num_experts - layer.zero_experts
         least[layer.index] = int(np.argmin(counts[:stored]))
-    spec = {"rules": [{"layer": i, "experts": [e], "mode": "force"} for i, e in least.items()]}
+        most[layer.index] = int(np.argmax(counts[:stored]))
+    # forced together with a mask on the most used expert: the forced one is in every top-k
+    # and the masked one in none (the remaining slots are not filled among ties)
+    spec = {
+        "rules": [{"layer": i, "experts": [e], "mode": "force"} for i, e in least.items()]
+        + [{"layer": i, "experts": [e], "mode": "mask"} for i, e in most.items()]
+    }
     with steering(model, spec, adapter=adapter):
         with Observer(model, adapter) as observer:
             model(TOKENS)
         observations = observer.observations()
     for layer, obs in zip(layers, observations):
         assert np.all(np.any(obs.selected == least[layer.index], axis=-1)), layer.index
+        assert not np.any(obs.selected == most[layer.index]), layer.index
     if case in [c[0] for c in STACKED]:
         layers, seen, hooks = routed_indices(model, adapter)
         with steering(model, spec, adapter=adapter), call_hooks(hooks):
@@ -113,6 +121,7 @@ def test_force_puts_the_expert_in_every_tokens_top_k(tmp_path, case, model_type,
         for layer in layers:
             used = seen[layer.position].reshape(-1, layer.top_k)
             assert np.all(np.any(used == least[layer.index], axis=-1)), layer.index
+            assert not np.any(used == most[layer.index]), layer.index
 
 
 def test_steering_off_is_bit_identical_and_observation_composes(tmp_path):
@@ -122,6 +131,7 @@ def test_steering_off_is_bit_identical_and_observation_composes(tmp_path):
 
     before = generate(model, tokenizer, "hello", max_tokens=8)
     logits = model(TOKENS)
+    names = {name for name, _ in tree_flatten(model.parameters())}
     spec = {"rules": [{"layer": "all", "experts": [0, 1], "mode": "mask"}]}
     with steering(model, spec, adapter=adapter):
         steered = generate(model, tokenizer, "hello", max_tokens=8)
@@ -132,6 +142,8 @@ def test_steering_off_is_bit_identical_and_observation_composes(tmp_path):
             assert not np.isin(obs.selected, [0, 1]).any()
     assert generate(model, tokenizer, "hello", max_tokens=8) == before
     assert mx.array_equal(model(TOKENS), logits).item()
+    # the router Linears' steering bias is gone again
+    assert {name for name, _ in tree_flatten(model.parameters())} == names
     assert isinstance(steered, str)
 
 
@@ -441,3 +453,79 @@ def test_steer_generate_refuses_a_spec_for_other_layers(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code not in (0, None) and "layer 7 is not an MoE layer" in err
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe", "deepseek_v3", "deepseek"])
+def test_collect_inside_steering_sees_the_steered_routing(tmp_path, case):
+    """Statistics collection (the layer runner, its observer) composes with steering: masked
+    experts are never counted, forced ones on every token, and the runner's own routing check
+    (the adapter's routing equals the block's) passes on every token."""
+    from mlxfun.core.collect import collect_stats
+
+    model_type, args = next((c[1], c[2]) for c in CASES if c[0] == case)
+    args, _ = grouped_args(model_type, args)
+    source, adapter = write_dir(tmp_path / "model", model_type, args, None)
+    model, _ = mlx_lm_load(str(source))
+    sequences = [list(range(i, i + 20)) for i in range(0, 60, 7)]
+    scorers = [plugins.get_scorer("frequency")]
+    spec = {
+        "rules": [
+            {"layer": "all", "experts": [0, 1], "mode": "mask"},
+            {"layer": "all", "experts": [3], "mode": "force"},
+        ]
+    }
+    with steering(model, spec, adapter=adapter):
+        collector, layers = collect_stats(model, adapter, sequences, scorers, 3, progress=False)
+    frequency = collector.scores()["frequency"]
+    tokens = sum(len(s) for s in sequences)
+    for layer in layers:
+        assert frequency[layer.position, 0] == frequency[layer.position, 1] == 0
+        counts = collector.accumulators["frequency"]
+        assert frequency[layer.position, 3] == frequency[layer.position].max(), counts
+    plain, _ = collect_stats(model, adapter, sequences, scorers, 3, progress=False)
+    assert (plain.scores()["frequency"][:, :2] > 0).any()
+    assert tokens > 0
+
+
+def test_force_weights_per_router_family(tmp_path):
+    """What force does to the gate weights, checked with numpy on the observed router logits:
+    a correction-bias router (DeepSeek-V3) weights the forced expert by its own un-biased
+    sigmoid score, renormalised over the chosen experts and scaled; a softmax router
+    (Qwen3-MoE) sees the +50 in its logits, so the forced expert takes nearly all the weight."""
+    cases = {c[0]: c for c in CASES}
+    needs = frozenset({"selected", "weights", "logits"})
+    for case in ("deepseek_v3", "qwen3_moe"):
+        _, model_type, args = cases[case]
+        args, _ = grouped_args(model_type, args)
+        source, adapter = write_dir(tmp_path / case, model_type, args, None)
+        model, _ = mlx_lm_load(str(source))
+        spec = {"rules": [{"layer": "all", "experts": [3], "mode": "force"}]}
+        with steering(model, spec, adapter=adapter):
+            with Observer(model, adapter, needs) as observer:
+                model(TOKENS)
+            observations = observer.observations()
+        for layer, obs in zip(adapter.moe_layers(model), observations):
+            logits = obs.logits.astype(np.float64)
+            if case == "deepseek_v3":
+                scores = 1 / (1 + np.exp(-logits))
+                chosen = np.take_along_axis(scores, obs.selected.astype(np.int64), -1)
+                expected = chosen / chosen.sum(-1, keepdims=True)
+                expected *= layer.block.gate.routed_scaling_factor
+                np.testing.assert_allclose(obs.weights, expected, rtol=1e-4, atol=1e-6)
+            else:
+                forced = obs.weights[obs.selected == 3]
+                assert forced.shape[0] == obs.selected.shape[0] and np.all(forced > 0.999)
+
+
+def test_the_third_party_example_in_plugins_md_passes_the_kit():
+    """docs/plugins.md's intervention example, run as written."""
+    from pathlib import Path
+
+    from mlxfun.core.testing import check_intervention
+
+    text = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
+    start = text.index("class Shy:")
+    block = text[text.rindex("```python", 0, start) + len("```python") : text.index("```", start)]
+    namespace: dict = {}
+    exec(compile(block, "plugins.md", "exec"), namespace)
+    check_intervention(namespace["Shy"](), {"expert": 1, "bias": -5.0})

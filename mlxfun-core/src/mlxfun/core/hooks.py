@@ -12,24 +12,22 @@ routing (and so observation) sees the same steered logits as the block (``core.r
 """
 
 from contextlib import contextmanager
+from functools import partial
 
 
 def _hooked_class(cls):
     def __call__(self, *args, **kwargs):
-        call = lambda *a, **k: cls.__call__(self, *a, **k)  # noqa: E731
-        for wrapper in type(self)._mlxfun_wrappers:
-            call = _bind(wrapper, self, call)
-        return call(*args, **kwargs)
+        wrappers = type(self)._mlxfun_wrappers
+        call = partial(cls.__call__, self)
+        for wrapper in wrappers[:-1]:
+            call = partial(wrapper, self, call)
+        return wrappers[-1](self, call, *args, **kwargs)
 
     return type(
         cls.__name__,
         (cls,),
         {"__call__": __call__, "_mlxfun_hooked": True, "_mlxfun_wrappers": []},
     )
-
-
-def _bind(wrapper, module, call):
-    return lambda *a, **k: wrapper(module, call, *a, **k)
 
 
 def _install(module, wrapper):

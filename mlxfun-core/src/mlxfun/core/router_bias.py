@@ -8,10 +8,12 @@ scores it selects experts by, so that the block's own code does the rest of its 
   ``router_bias``): ``b`` is added to it. The selection (group scores of group-limited routers
   included) sees ``scores + correction + b``; the gate weights stay the model's un-biased
   scores of the chosen experts, renormalised as the block does.
-- ``router``: the router is a module that returns the logits (a Linear, quantized or not, or a
-  router module): a call hook adds ``b`` to its output. Softmax and sigmoid routers then see
-  steered logits, so the weights are computed from them (a masked expert's softmax share is 0,
-  as if it did not exist; a forced one takes a large share).
+- ``router``: the router is a module that returns the logits: a Linear (quantized or not) gets
+  ``b`` as its ``bias`` parameter for the duration (added to the bias it has; mlx's Linear adds
+  its bias when it has one), any other router module a call hook that adds ``b`` to its
+  output. Softmax and sigmoid routers then see steered logits, so the weights are computed from
+  them (a masked expert's softmax share is 0, as if it did not exist; a forced one takes a
+  large share).
 - ``gate``: the router is a raw weight array inside a gate module (deepseek, deepseek_v2):
   ``b`` is registered on the block (``hooks.router_biases``, added by
   ``MoEAdapter.router_logits``) and the gate module's call returns the adapter's routing of
@@ -92,9 +94,14 @@ def removal_logits(adapter: MoEAdapter, layer: MoELayer, bias, removal=-1e8):
 
 
 def _router_hook(bias):
+    cast = {bias.dtype: bias}  # the bias in each logits dtype, cast once
+
     def wrapper(module, call, x, *args, **kwargs):
         out = call(x, *args, **kwargs)
-        return out + bias.astype(out.dtype)
+        b = cast.get(out.dtype)
+        if b is None:
+            b = cast[out.dtype] = bias.astype(out.dtype)
+        return out + b
 
     return wrapper
 
@@ -106,6 +113,37 @@ def _gate_hook(adapter, block):
     return wrapper
 
 
+_MISSING = object()
+
+
+def linear_bias_dtype(router):
+    """The dtype a router Linear's bias takes: its weight's, or its scales' when quantized."""
+    import mlx.core as mx
+
+    if "scales" in router:
+        return router["scales"].dtype
+    weight = router["weight"]
+    return weight.dtype if mx.issubdtype(weight.dtype, mx.floating) else mx.float32
+
+
+def _logit_bias(router, bias, hooks: list, patches: list) -> None:
+    """``bias`` on a router module's logits: a Linear (quantized or not) gets it as its own
+    ``bias`` parameter for the duration (added to the one it has): no hook and no extra
+    operation, and what ``amplify`` writes into a checkpoint; any other module a call hook."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    if not isinstance(router, nn.Linear | nn.QuantizedLinear):
+        hooks.append((router, _router_hook(bias)))
+        return
+    old = router["bias"] if "bias" in router else _MISSING
+    if old is _MISSING:
+        new = bias.astype(linear_bias_dtype(router))
+    else:
+        new = (old.astype(mx.float32) + bias).astype(old.dtype)
+    patches.append((router, "bias", old, new))
+
+
 def install_router_biases(
     model, adapter: MoEAdapter, biases: dict, layers=None, removal: float | None = -1e8
 ):
@@ -113,10 +151,7 @@ def install_router_biases(
     the routing of those MoE layers now; returns the function that restores the model exactly
     (``router_bias_context`` is the same as a ``with`` block). ``layers``: the model's MoE
     layers when the caller has them. Values at or below ``removal`` remove the expert: at the
-    ``correction`` point they also go on the router's logits when the router is a module, so
-    that a softmax router's scores are normalised without it, as if it were pruned (a raw
-    array router with a correction bias, the DeepSeek-V3 family, is sigmoid-scored, where
-    removal from the selection suffices)."""
+    ``correction`` point they also go on a softmax router's logits (``removal_logits``)."""
     import mlx.core as mx
 
     layers = adapter.moe_layers(model) if layers is None else layers
@@ -137,9 +172,10 @@ def install_router_biases(
             patches.append((owner, attr, value, steered))
             removed = removal_logits(adapter, layer, bias, removal)
             if removed is not None:
-                hooks.append((get_path(layer.block, adapter.router_attr), _router_hook(removed)))
+                router = get_path(layer.block, adapter.router_attr)
+                _logit_bias(router, removed, hooks, patches)
         elif point == "router":
-            hooks.append((get_path(layer.block, adapter.router_attr), _router_hook(bias)))
+            _logit_bias(get_path(layer.block, adapter.router_attr), bias, hooks, patches)
         else:
             gate_path = adapter.router_attr.rpartition(".")[0]
             gate = get_path(layer.block, gate_path) if gate_path else layer.block
@@ -156,7 +192,10 @@ def install_router_biases(
 
     def restore():
         for owner, attr, value, _ in reversed(patches):
-            setattr(owner, attr, value)
+            if value is _MISSING:
+                del owner[attr]
+            else:
+                setattr(owner, attr, value)
         patches.clear()
         unhook()
         unregister()

@@ -12,7 +12,7 @@ The bias goes where run-time steering puts it (``mlxfun.core.router_bias``), as 
 - ``gate`` point (a raw router array without a correction bias: deepseek, deepseek_v2):
   refused, since mlx-lm's gate has nowhere to hold a bias.
 
-The values are the run-time ones (``steer.MASK`` -1e9, ``FORCE`` 1e4, or the rule's bias), so the
+The values are the run-time ones (``steer.MASK`` -1e9, ``FORCE`` +50, or the rule's bias), so the
 amplified model computes what ``steering`` computes. A finite -1e9 still never selects the
 expert: on logits its softmax share underflows to exactly 0 and its sigmoid is 0; on a
 correction bias its selection score is about -1e9, below every other expert's (scores in [0, 1]
@@ -89,22 +89,14 @@ def _stored(values, dtype):
     return mx.array(np.clip(values, float(info.min), float(info.max))).astype(dtype)
 
 
-def _dtype_of(module):
-    import mlx.core as mx
-
-    if "scales" in module:
-        return module["scales"].dtype
-    weight = module["weight"]
-    return weight.dtype if mx.issubdtype(weight.dtype, mx.floating) else mx.float32
-
-
 def apply_edits(edits: list[Edit]) -> None:
     """Make the edits on the loaded model (permanent)."""
     import mlx.core as mx
+    from mlxfun.core.router_bias import linear_bias_dtype
 
     for edit in edits:
         if edit.new:
-            setattr(edit.module, edit.attr, _stored(edit.values, _dtype_of(edit.module)))
+            setattr(edit.module, edit.attr, _stored(edit.values, linear_bias_dtype(edit.module)))
         else:
             old = getattr(edit.module, edit.attr)
             added = old.astype(mx.float32) + mx.array(edit.values)

@@ -6,13 +6,18 @@ or ``"all"``, experts, and a mode: ``mask`` (never selected: bias ``MASK``), ``f
 selected: bias ``FORCE``) or ``bias`` (the rule's ``bias`` value added). The biases enter each
 architecture's routing where it forms its selection scores (``mlxfun.core.router_bias``).
 
-Why these values: ``MASK`` = -1e9 and ``FORCE`` = +1e4 are what the reference MLX-FUN adds.
-Added to router logits, -1e9 gives a softmax share of exactly 0 in float32 (the expert is
-excluded as if pruned) and a sigmoid of exactly 0; added to a correction bias (scores in
-[0, 1] plus biases of order 1) it is never among the top-k, and its group's score (the sum of
-its two best) never counts it while the group has two other experts. +1e4 puts an expert
-above every other score. Being finite, the same values can be written into a checkpoint
-(``amplify``) without infinities in the weights.
+Why these values: ``MASK`` = -1e9, as the reference MLX-FUN adds. Added to router logits it
+gives a softmax share of exactly 0 in float32 (the expert is excluded as if pruned) and a
+sigmoid of exactly 0; added to a correction bias (scores in [0, 1] plus biases of order 1) it is
+never among the top-k, and its group's score (the sum of its two best) never counts it while
+the group has two other experts. ``FORCE`` = +50, not the reference's +1e4: 50 is far above
+any router's spread of logits or selection scores, so the expert is always selected, and small
+enough that on a softmax router the other experts' shares stay above 0 (e^-50 is about 2e-22
+in float32 and bfloat16). With +1e4 they all underflow to exactly 0, the remaining top-k slots
+are picked among ties, and a masked expert (share 0 too) can be picked for one of them. With
++50 the remaining slots go to the experts the model prefers anyway. (Float16 softmax routers
+underflow at e^-50 too; mlx-lm computes routers in float32 or bfloat16.) Being finite, the
+same values can be written into a checkpoint (``amplify``).
 """
 
 import json
@@ -24,7 +29,7 @@ import attrs
 from mlxfun.core.errors import MlxfunError
 
 MASK = -1e9
-FORCE = 1e4
+FORCE = 50.0
 MODES = ("mask", "force", "bias")
 FORMAT = "mlxfun-steering/1"
 
@@ -229,20 +234,18 @@ def check_spec_fingerprint(spec: SteeringSpec, model, adapter, layers, config: d
 
     if spec.fingerprint is None:
         return
-    mine = model_fingerprint(config or {"model_type": adapter.name}, layers)
     theirs = dict(spec.fingerprint)
-    if config is None:
+    mine = model_fingerprint(config or {}, layers)
+    if config is None:  # no config: no hash to compare, the model type judged by the adapter
         theirs.pop("config_hash", None)
         mine.pop("config_hash", None)
-        if theirs.get("model_type") not in adapter.model_types:
-            mine["model_type"] = theirs.get("model_type")  # compared through the adapter
-            if theirs.get("model_type") is not None:
-                raise MlxfunError(
-                    f"the steering spec is for model type {theirs.get('model_type')!r}, this "
-                    f"model is {adapter.name!r}: build the spec from this model's report"
-                )
-        else:
-            mine["model_type"] = theirs.get("model_type")
+        kind = theirs.get("model_type")
+        if kind is not None and kind not in adapter.model_types:
+            raise MlxfunError(
+                f"the steering spec is for model type {kind!r}, this model is "
+                f"{adapter.name!r}: build the spec from this model's report"
+            )
+        mine["model_type"] = kind
     difference = fingerprint_difference(theirs, mine)
     if difference is not None:
         raise MlxfunError(
