@@ -9,7 +9,8 @@ selection, group size 0). Every expert of the demo has the same byte size, so th
 the same size. Evaluation: mlxfun.methods.evaluate on eval_code and eval_prose (perplexity, and
 greedy agreement = token overlap of 16-token greedy continuations with the original model).
 
-    python benchmarks/plans.py [--sizes 12MB] [--max-tokens 256]
+    python benchmarks/plans.py [--sizes 12MB] [--max-tokens 256] [--threshold 0.6]
+                               [--strategies conservative,balanced,aggressive]
 """
 
 import argparse
@@ -37,12 +38,15 @@ def mlxfun(*args) -> str:
     return result.stdout
 
 
-def build(work: Path, sizes: list[str]) -> list[dict]:
+def build(work: Path, sizes: list[str], threshold: float, strategies: list[str]) -> list[dict]:
     """Stats, analysis, the plans and their baselines; one row per compared model."""
     stats, analysis = work / "stats.npz", work / "analysis.json"
     mlxfun("collect", "--model", MODEL, "--dataset", CALIB, "-o", stats)
-    mlxfun("analyze", "--model", MODEL, "--stats", stats, "--dataset", CALIB, "-o", analysis)
-    plans = [("--strategy", s) for s in ("conservative", "balanced", "aggressive")]
+    mlxfun(
+        "analyze", "--model", MODEL, "--stats", stats, "--dataset", CALIB,
+        "--threshold", threshold, "-o", analysis,
+    )  # fmt: skip
+    plans = [("--strategy", s) for s in strategies]
     plans += [("--target-size", s) for s in sizes]
     rows = []
     for option, value in plans:
@@ -121,11 +125,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="12MB", help="--target-size plans, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=256, help="evaluation tokens a sample")
+    parser.add_argument("--threshold", type=float, default=0.6, help="analyze --threshold")
+    parser.add_argument(
+        "--strategies", default="conservative,balanced,aggressive", help="comma-separated"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = build(Path(tmp), [s for s in args.sizes.split(",") if s])
+        sizes = [s for s in args.sizes.split(",") if s]
+        strategies = [s for s in args.strategies.split(",") if s]
+        rows = build(Path(tmp), sizes, args.threshold, strategies)
         measure(rows, args.max_tokens)
     for row in rows:
         row["path"] = str(row["path"])

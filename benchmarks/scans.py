@@ -194,8 +194,10 @@ def summarise(results: list[dict], metrics: list[str]) -> list[dict]:
     for setting, runs in randoms.items():
         row = {"setting": setting, "kind": f"random x{len(runs)}"}
         for m in metrics:
-            values = [r[m] for r in runs]
-            row[m] = f"{np.mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+            values = [r[m] for r in runs if m in r]
+            row[m] = (
+                f"{np.mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]" if values else "-"
+            )
         rows.append(row)
     order = {s: i for i, s in enumerate(dict.fromkeys(r["setting"] for r in results))}
     kinds = {"baseline": 0, "scan": 1, "least-used": 3}
@@ -208,6 +210,7 @@ def print_markdown(rows, metrics):
     print("|---|---|" + "---|" * len(metrics))
     for r in rows:
         cells = [r[m] if isinstance(r[m], str) else f"{r[m]:.3f}" for m in metrics]
+        cells = [c if c else "-" for c in cells]
         print(f"| {r['setting']} | {r['kind']} | " + " | ".join(cells) + " |")
 
 
@@ -231,9 +234,10 @@ def chat_benchmark(args) -> None:
         next(m["content"] for m in s.messages if m["role"] == "user")
         for s in _records(args.chat_data / "harmful_eval.jsonl", args.eval_prompts)
     ]
-    harmless = [
-        chat_split(s.messages, tokenizer, s.source)
-        for s in _records(args.chat_data / "harmless_eval.jsonl", args.eval_prompts)
+    harmless_records = _records(args.chat_data / "harmless_eval.jsonl", args.eval_prompts)
+    harmless = [chat_split(s.messages, tokenizer, s.source) for s in harmless_records]
+    harmless_prompts = [
+        next(m["content"] for m in s.messages if m["role"] == "user") for s in harmless_records
     ]
     groups = {g: sum(map(len, i["experts"].values())) for g, i in report["groups"].items()}
     print(f"\nsafety-scan: {report['sets']}, selected {groups}, {scanned:.0f} s")
@@ -245,10 +249,16 @@ def chat_benchmark(args) -> None:
             check_masked(model, adapter, layers, disabled, harmless[0].ids)
             rate = refusal_rate(model, tokenizer, harmful, max_tokens=args.answer_tokens).rate
             ppl = answer_perplexity(model, harmless)
-            results.append({"setting": setting, "kind": kind, "refusal": rate, "harmless_ppl": ppl})
+            row = {"setting": setting, "kind": kind, "refusal": rate, "harmless_ppl": ppl}
+            if not kind.startswith("random"):  # over-refusal, where it costs little
+                row["harmless_refusal"] = refusal_rate(
+                    model, tokenizer, harmless_prompts, max_tokens=args.answer_tokens
+                ).rate
+            results.append(row)
         set_disabled(layers, {})
         print(f"\n### chat model: disabling by the {part}-token ranking")
-        print_markdown(summarise(results, ["refusal", "harmless_ppl"]), ["refusal", "harmless_ppl"])
+        metrics = ["refusal", "harmless_ppl", "harmless_refusal"]
+        print_markdown(summarise(results, metrics), metrics)
     print(
         f"\n{len(harmful)} held-out harmful prompts ({args.answer_tokens} greedy tokens), "
         f"{len(harmless)} held-out harmless answers; {time.perf_counter() - started:.0f} s"

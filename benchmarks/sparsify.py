@@ -8,7 +8,7 @@
 3. Memory (`--memory`): peak RSS of a plain forward over the calibration batches against the
    statistics collection (one decoder layer's inputs held at a time), each in a fresh process.
 
-    python benchmarks/sparsify.py [--samples 32] [--tokens 128] [--memory]
+    python benchmarks/sparsify.py [--samples 32] [--tokens 128] [--methods wanda,...] [--memory]
 
 Calibration: demo/data/calib_mixed.jsonl (seeded subsample); evaluation: eval_code.jsonl and
 eval_prose.jsonl (the first --samples samples of each, --tokens tokens each).
@@ -39,6 +39,7 @@ METHODS = [
     "wanda_spiky",
     "wanda_select",
     "neuronrank_tfidf",
+    "neuronrank_tfidf:topic",
     "neuronrank_fisher",
 ]
 
@@ -86,14 +87,16 @@ def quality(args, work: Path) -> None:
     for pattern in ("unstructured", "2:4"):
         for attention in (False, True):
             scope = "experts + attention" if attention else "experts"
-            for method in METHODS:
-                out = work / f"{method}-{pattern.replace(':', 'of')}-{attention}"
+            for spec in args.methods.split(","):
+                method, _, mode = spec.partition(":")
+                out = work / f"{method}-{mode}-{pattern.replace(':', 'of')}-{attention}"
                 start = time.perf_counter()
                 sparsify(
                     SparsifyRequest(
                         **common(args),
                         output=out,
                         method=method,
+                        tfidf_mode=mode or "doc",
                         sparsity=0.5,
                         pattern=pattern,
                         attention=attention,
@@ -102,12 +105,13 @@ def quality(args, work: Path) -> None:
                 seconds = time.perf_counter() - start
                 ppl = perplexities(out, sequences)
                 print(
-                    f"| {pattern} | {scope} | {method} | {ppl['code']:.1f} | "
+                    f"| {pattern} | {scope} | {spec} | {ppl['code']:.1f} | "
                     f"{ppl['prose']:.1f} | {seconds:.1f} |",
                     flush=True,
                 )
     print()
-    structured(args, work, sequences)
+    if not args.no_structured:
+        structured(args, work, sequences)
 
 
 def structured(args, work: Path, sequences) -> None:
@@ -196,6 +200,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--memory", action="store_true", help="only the memory comparison")
+    parser.add_argument("--methods", default=",".join(METHODS), help="method[:topic],...")
+    parser.add_argument("--no-structured", action="store_true", help="skip prune-neurons/REAP")
     args = parser.parse_args()
     if args.memory:
         memory(args)

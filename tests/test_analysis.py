@@ -15,7 +15,7 @@ from mlxfun.methods import analysis
 from mlxfun.methods.analysis import AnalyzeRequest, Thresholds, analyse
 
 from .test_merge import QWEN, np_output, np_softmax, random_scores, recorded_statistics, stats_file
-from .test_prune import write_dir
+from .test_prune import CASES, grouped_args, write_dir
 
 PERM = np.random.default_rng(3).permutation(QWEN["moe_intermediate_size"])
 
@@ -209,3 +209,52 @@ def test_analyze_without_dataset_uses_weights(twins, capsys):
     code = main(["analyze", "--model", str(source), "--stats", str(stats)])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "--dataset" in err
+
+
+def test_a_domain_report_names_the_specialists(twins, tmp_path, capsys):
+    from mlxfun.methods.scan_report import model_dir_fingerprint
+
+    source, stats = twins
+    report = {
+        "format": 1,
+        "scan": "domain-scan",
+        "fingerprint": model_dir_fingerprint(source),
+        "groups": {"domain_prompt": {"part": "prompt", "experts": {"0": [4, 5], "2": [7]}}},
+    }
+    path = tmp_path / "code.json"
+    path.write_text(json.dumps(report))
+    result = run(
+        source, stats, [], thresholds=Thresholds(similarity="weights"), domain_reports=[str(path)]
+    )
+    assert [x.findings["specialists"] for x in result.layers] == [[4, 5], [], [7]]
+    assert result.settings["specialists_from"] == "domain report"
+    report["fingerprint"] = dict(report["fingerprint"], config_hash="0")
+    path.write_text(json.dumps(report))
+    code = main(
+        ["analyze", "--model", str(source), "--stats", str(stats), "--similarity", "weights",
+         "--domain-report", str(path)]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "another model" in err
+
+
+@pytest.mark.parametrize("case, model_type, args", CASES, ids=[c[0] for c in CASES])
+def test_every_architecture_is_analysed_with_its_size_breakdown(tmp_path, case, model_type, args):
+    """Without calibration text (weights and router similarities, utilisation, sizes)."""
+    from mlxfun.core import slicing
+
+    args, _ = grouped_args(model_type, args)
+    source, _ = write_dir(tmp_path / case, model_type, args)
+    stats = stats_file(source, tmp_path / "stats.npz", random_scores(source))
+    result = run(source, stats, [], thresholds=Thresholds(similarity="weights"))
+    headers = slicing.read_headers(source)
+    stored = sum(slicing.tensor_bytes(i) for infos in headers.values() for i in infos.values())
+    assert result.bytes_total == stored
+    total = result.sizes[-1]
+    assert total["part"] == "total" and total["bytes"] == stored
+    assert total["parameters"] == sum(r["parameters"] for r in result.sizes[:-1])
+    assert 0 < result.bytes_experts < stored
+    for layer in result.layers:
+        sim = np.array(layer.similarity["weights"])
+        np.testing.assert_allclose(np.diag(sim), 1.0)
+        assert layer.findings["recommended_target"] >= layer.min_keep >= layer.top_k

@@ -4,14 +4,21 @@ with the routing and the expert MLP recomputed in numpy (per-expert routed token
 
 from collections import Counter
 
+import attrs
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlxfun.core import plugins
 from mlxfun.core.datasets import batches
 from mlxfun.core.hooks import call_hooks
-from mlxfun.core.testing import TINY_ARGS, build_tiny_model, check_neuron_scorer
+from mlxfun.core.testing import (
+    TINY_ARGS,
+    PluginConformance,
+    build_tiny_model,
+    check_neuron_scorer,
+)
 from mlxfun.methods.linear_inputs import Calibration, layer_targets, run_layers
+from mlxfun.methods.neuron_scorers import NEURON_SCORERS
 from mlxfun.methods.neuron_stats import StatOptions, kmeans
 
 _RNG = np.random.default_rng(3)
@@ -224,3 +231,22 @@ def test_every_scorer_equals_numpy_on_collected_statistics(name):
         )
         w = np.array(w)
         np.testing.assert_allclose(scorer.score(w, stats), numpy_score(name, w, stats), rtol=1e-9)
+
+
+class TestWandaIsAConformingNeuronScorer(PluginConformance):
+    plugin_kind = "neuron_scorer"
+    plugin_object = NEURON_SCORERS[1]
+
+
+def test_the_built_in_neuron_scorers_register_through_the_entry_point():
+    names = [s.name for s in NEURON_SCORERS]
+    assert plugins.plugin_names("neuron_scorer") == sorted(names)
+    assert {plugins.registry()["neuron_scorer"][n].distribution for n in names} == {
+        "mlxfun-methods"
+    }
+
+
+def test_a_scorer_with_an_unknown_statistic_fails_the_kit():
+    bad = attrs.evolve(NEURON_SCORERS[1], name="bad", stats=frozenset({"sq_norm", "kurtosis"}))
+    with pytest.raises(AssertionError, match="kurtosis"):
+        check_neuron_scorer(bad)

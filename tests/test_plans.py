@@ -62,16 +62,16 @@ def test_choose_removals_follows_the_documented_rule():
     np.fill_diagonal(sim, 1.0)
     sim[0, 1] = sim[1, 0] = 0.9
     util = np.array([1.0, 3.0, 0.5, 1.0, 2.0])  # mean 1.5
-    # costs: 0 -> 1/1.5 * 0.1 (merges into 1), 2 -> 0.5/1.5, 3 -> 1/1.5, 4 -> 2/1.5, 1 -> 3/1.5*0.1
+    # costs: 0 -> 1/1.5 * 2 * (1 - 0.9) (merges into 1), 2 -> 0.5/1.5, 3 -> 1/1.5, 4 -> 2/1.5
     assert plans.choose_removals(sim, util, 1, 0.6) == [0]
     # once 0 is gone, 1 has no partner: 2 is next, then 3
     assert plans.choose_removals(sim, util, 3, 0.6) == [0, 2, 3]
-    # protected experts go last (and still absorb others: 1 -> 3/1.5 * 0.1 merging into 0)
-    assert plans.choose_removals(sim, util, 2, 0.6, protected=[0]) == [1, 2]
+    # protected experts go last (and still absorb others: 1 -> 3/1.5 * 0.2 merging into 0)
+    assert plans.choose_removals(sim, util, 2, 0.6, protected=[0]) == [2, 1]
     assert plans.choose_removals(sim, util, 5, 0.6, protected=[0])[-1] == 0
     merges, pruned = plans.assign(sim, [0, 2, 3], [1, 4], 0.6)
     assert merges == {1: [0]} and pruned == [2, 3]
-    expected = (0.5 + 1.0 + 1.0 * (1 - 0.9)) / 7.5
+    expected = (0.5 + 1.0 + 1.0 * 2 * (1 - 0.9)) / 7.5
     assert plans.impact(sim, util, merges, pruned) == pytest.approx(expected)
     # router groups: equal removals per group, similarity only within a group
     sim4 = np.full((4, 4), 0.1)
@@ -183,6 +183,14 @@ def test_cli_plan_apply_and_mapping(qwen, calib, tmp_path, capsys):
     out = tmp_path / "model"
     code = main(["apply", "--model", str(source), "--plan", str(plan_path), "-o", str(out)])
     assert code == 0 and (out / "mlxfun.json").is_file()
+    capsys.readouterr()
+    code = main(
+        ["plan", "--model", str(source), "--stats", str(result.stats), "--similarity", "weights",
+         "--target-experts", "6", "--json"]
+    )  # fmt: skip
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0 and data["experts_after"] == 6 * 3 and data["similarity"] == "weights"
+    assert data["size_estimate"]["bytes_after"] == data["bytes_after"]
 
 
 def test_bad_plans_and_targets_are_one_line(qwen, tmp_path, capsys):

@@ -312,3 +312,66 @@ def test_quantized_and_tied_models_are_refused(tmp_path, data, capsys):
     )
     assert code == 1
     assert "--ratio must be in (0, 1)" in one_error_line(capsys)
+
+
+def test_prune_neurons_cli_json_and_refusals(models, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["prune-neurons", "--model", str(models["qwen3_moe"]), "--dataset", str(data)]
+    assert (
+        main([*args, "--method", "neuronrank_fisher", "--ratio", "0.5", "-o", str(out), "--json"])
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["config_changes"] == {
+        "moe_intermediate_size": TINY_ARGS["moe_intermediate_size"] // 2
+    }
+    assert [row["kept"] for row in summary["layers"]] == [8, 8]
+    assert main([*args, "--last", "1", "-o", str(tmp_path / "last")]) == 1
+    assert "leave out --last" in one_error_line(capsys)
+    assert not (tmp_path / "last").exists()
+
+
+def test_an_architecture_sizing_shared_experts_from_the_key_is_refused(tmp_path, data, capsys):
+    from .adapters.test_biased_family import DEEPSEEK_V3
+
+    source = save_tiny_checkpoint(tmp_path / "ds", "deepseek_v3", dict(DEEPSEEK_V3))
+    out = tmp_path / "out"
+    args = ["--model", str(source), "--dataset", str(data), "-o", str(out)]
+    assert main(["prune-neurons", "--method", "magnitude", *args]) == 1
+    assert "prune-neurons does not support it" in one_error_line(capsys)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    # sparsify keeps the shapes, so it works there (dense first layer, MLA attention, experts)
+    assert main(["sparsify", "--method", "wanda", "--include-attention", "--json", *args]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["groups"]) == {"mlp", "experts", "attention"}
+    for group in summary["groups"].values():
+        assert group["zeroed"] * 2 == group["weights"]
+
+
+def test_the_demo_model_keeps_its_bf16_dtype(tmp_path):
+    from pathlib import Path
+
+    from mlxfun.core.slicing import read_headers
+
+    demo = Path(__file__).resolve().parent.parent / "demo" / "model"
+    out = tmp_path / "out"
+    sparsify(SparsifyRequest(model=demo, dataset=[], output=out, method="magnitude"))
+    before, after = read_headers(demo), read_headers(out)
+    infos = {k: v for shard in after.values() for k, v in shard.items()}
+    for shard in before.values():
+        for name, info in shard.items():
+            assert infos[name]["dtype"] == info["dtype"] and infos[name]["shape"] == info["shape"]
+    w = mx.load(str(out / "model.safetensors"))["model.layers.3.mlp.switch_mlp.up_proj.weight"]
+    assert w.dtype == mx.bfloat16
+    assert np.all(np.array((w == 0).sum(-1)) == w.shape[-1] // 2)
+
+
+def test_an_architecture_the_runner_refuses_is_one_line(tmp_path, data, capsys):
+    from .adapters.test_softmax_family import HUNYUAN
+
+    source = save_tiny_checkpoint(tmp_path / "hy", "hunyuan", dict(HUNYUAN))
+    out = tmp_path / "out"
+    assert main(["sparsify", "--model", str(source), "--dataset", str(data), "-o", str(out)]) == 1
+    line = one_error_line(capsys, progress="layers")
+    assert "cannot run it one decoder layer at a time" in line and "--method magnitude" in line
+    assert not out.exists()

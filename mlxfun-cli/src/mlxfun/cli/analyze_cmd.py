@@ -22,6 +22,12 @@ def register(app: typer.Typer) -> None:
             help="Calibration text for the output similarity and the specialists (several "
             "files: each file is a token class); repeatable.",
         ),
+        domain_report: list[str] = typer.Option(
+            None,
+            "--domain-report",
+            help="REPORT[:GROUP] of mlxfun domain-scan / safety-scan: its experts are the "
+            "specialists (instead of the class entropy); repeatable.",
+        ),
         scorer: str = typer.Option("reap", "--scorer", help="Which statistic is utilisation."),
         similarity: str = typer.Option(
             "ream",
@@ -66,6 +72,7 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size,
             seed=seed,
             thresholds=Thresholds(similarity=similarity, threshold=threshold, low=low),
+            domain_reports=domain_report or [],
             progress=not json_output,
         )
         result = analyse(request)
@@ -124,6 +131,7 @@ def _print(result) -> None:
         f"{settings['similarity']} (groups at {settings['threshold']}), utilisation "
         f"{result.scorer} (prune below {settings['low']} x mean)"
         + (f", {settings['tokens']} calibration tokens" if settings["tokens"] else "")
+        + f"; specialists from {settings['specialists_from']}"
     )
     print(
         f"potential reduction {s['potential_reduction']} experts; recommended "

@@ -126,7 +126,7 @@ def print_plan(plan) -> None:
         f"(-{plan.estimated_memory_reduction:.1%}); merges blend {plans_blend(plan)}, "
         f"similarity {plan.similarity} >= {plan.threshold}"
     )
-    print("impact = share of utilisation removed, merged experts x (1 - similarity)")
+    print("impact = share of utilisation removed, merged experts x min(1, 2 (1 - similarity))")
     for note in plan.notes:
         print(f"note: {note}")
 

@@ -210,11 +210,13 @@ def register(app: typer.Typer) -> None:
         harmful: Path = typer.Option(
             _default("harmful_calib.jsonl"),
             "--harmful",
+            show_default=False,
             help="Harmful prompts (JSONL; default: the shipped demo/data/harmful_calib.jsonl).",
         ),
         harmless: Path = typer.Option(
             _default("harmless_calib.jsonl"),
             "--harmless",
+            show_default=False,
             help="Harmless prompts (JSONL; default: demo/data/harmless_calib.jsonl).",
         ),
         output: Path = typer.Option(None, "--output", "-o", help="Report to write (.json)."),

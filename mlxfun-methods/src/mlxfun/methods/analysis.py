@@ -144,17 +144,24 @@ def layer_findings(
     rel_entropy: np.ndarray | None,
     min_keep: int,
     settings: Thresholds,
+    reported: list | None = None,
 ) -> dict:
-    """Candidates, groups, potential reduction and recommended target of one layer."""
+    """Candidates, groups, potential reduction and recommended target of one layer;
+    ``reported``: the specialists a domain report names (instead of the entropy rule)."""
     num = similarity.shape[0]
     mean = float(np.mean(utilisation)) if num else 0.0
     specialists, generalists = [], []
-    if rel_entropy is not None:
+    if reported is not None:
+        specialists = sorted(e for e in reported if e < num)
+    elif rel_entropy is not None:
         specialists = [e for e in range(num) if rel_entropy[e] < settings.specialist]
+    if rel_entropy is not None:
         generalists = [
             e
             for e in range(num)
-            if rel_entropy[e] >= settings.generalist and utilisation[e] >= mean
+            if rel_entropy[e] >= settings.generalist
+            and utilisation[e] >= mean
+            and e not in specialists
         ]
     prune = sorted(
         (e for e in range(num) if utilisation[e] < settings.low * mean and e not in specialists),
@@ -263,6 +270,7 @@ class AnalyzeRequest:
     batch_size: int = 4
     seed: int = 0
     thresholds: Thresholds = attrs.field(factory=Thresholds)
+    domain_reports: list = attrs.field(factory=list)  # REPORT[:GROUP] of mlxfun domain-scan
     progress: bool = True
 
 
@@ -324,10 +332,19 @@ def _router_weight(adapter, block, num_experts: int):
 
 
 def _layer_weights(layer) -> dict:
+    """Every stored expert's weights, dequantized float32 ``{name: (E, ...)}``."""
+    import mlx.core as mx
     from mlx.utils import tree_flatten
 
     from .ream import _dequantized_experts
 
+    if isinstance(layer.experts, list):  # one module per expert (dbrx): stack their tensors
+        per_expert = [dict(tree_flatten(m.parameters())) for m in layer.experts]
+        return {
+            name: mx.stack([p[name] for p in per_expert]).astype(mx.float32)
+            for name in per_expert[0]
+            if not name.endswith((".scales", ".biases"))
+        }
     tensors = {f"e.{k}": v for k, v in tree_flatten(layer.experts.parameters())}
     return _dequantized_experts(tensors, "e", layer.experts)
 
@@ -380,17 +397,27 @@ def analyse(request: AnalyzeRequest) -> Analysis:
     plans, _, _, per_expert, total = expert_layout(request.model, adapter)
     blocks = {layer.position: layer.block for layer in layers}
     min_keep, n_group, topk_group = min_keep_per_layer(adapter, plans, blocks)
+    reported = None
+    if request.domain_reports:
+        from .scan_report import experts_from_reports
+
+        reported = experts_from_reports(request.domain_reports, request.model, "--domain-report")
     measured = _measure(request, model, tokenizer, adapter, layers)
     result = []
     for plan, layer in zip(plans, layers):
         stored = stored_experts(plan)
         sims = {k: v[:stored, :stored] for k, v in measured["similarity"][layer.position].items()}
+        if settings.similarity not in sims:
+            raise MlxfunError(
+                f"{adapter.name}: layer {plan.index}'s router has no (experts, hidden) weight "
+                "matrix; use --similarity weights (or ream with --dataset)"
+            )
         utilisation = scores[plan.position, :stored]
         rel = measured["entropy"][layer.position]
         rel = None if rel is None else rel[:stored]
         findings = layer_findings(
             sims[settings.similarity], utilisation, rel, min(min_keep[plan.position], stored),
-            settings,
+            settings, None if reported is None else reported.get(plan.index, []),
         )  # fmt: skip
         result.append(
             LayerAnalysis(
@@ -421,6 +448,8 @@ def analyse(request: AnalyzeRequest) -> Analysis:
             "batch_size": request.batch_size,
             "seed": request.seed,
             "classes": measured["classes"],
+            "specialists_from": "domain report" if reported is not None else "class entropy",
+            "domain_reports": [str(r) for r in request.domain_reports],
             "tokens": measured["tokens"],
         },
         router_groups=[n_group, topk_group],

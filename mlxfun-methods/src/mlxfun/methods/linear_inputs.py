@@ -154,28 +154,38 @@ class LayerCapture:
         return wrapper
 
     def batch_done(self, batch: int) -> None:
+        mask = self.calibration.batches[batch][1].reshape(-1)
+        # projections fed the same array (q/k/v, gate/up) share one copy of its rows
+        seen: dict[int, tuple] = {}
+        for target, x, indices, sort in self.pending:
+            key = id(x)
+            if key not in seen:
+                seen[key] = self._rows(target, x, indices, sort, mask)
+            rows, token, experts = seen[key]
+            self.rows[target.name].append((rows, token, batch, experts))
+        self.pending = []
+
+    def _rows(self, target, x, indices, sort, mask):
+        """``(rows, token, experts)``: the real tokens' input rows, their token positions in
+        the batch and (stacked) the expert of each row."""
         import mlx.core as mx
 
-        mask = self.calibration.batches[batch][1].reshape(-1)
-        for target, x, indices, sort in self.pending:
-            if not target.stacked:
-                rows = np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1])
-                self.rows[target.name].append((rows[mask], np.flatnonzero(mask), batch, None))
-                continue
-            routed = self.routing[id(target.parent)].indices
-            k = routed.shape[-1]
-            x = x.squeeze(-2)
-            x = mx.broadcast_to(x, (*indices.shape, x.shape[-1])).astype(mx.float32)
-            rows = np.array(x).reshape(-1, x.shape[-1])
-            experts = np.array(indices).reshape(-1)
-            if sort:  # the experts call sorted its rows by expert: mlx-lm's _gather_sort order
-                position = np.array(mx.argsort(routed.flatten()))
-            else:
-                position = np.arange(experts.size)
-            token = position // k
-            keep = mask[token]
-            self.rows[target.name].append((rows[keep], token[keep], batch, experts[keep]))
-        self.pending = []
+        if not target.stacked:
+            rows = np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1])
+            return rows[mask], np.flatnonzero(mask), None
+        routed = self.routing[id(target.parent)].indices
+        k = routed.shape[-1]
+        x = x.squeeze(-2)
+        x = mx.broadcast_to(x, (*indices.shape, x.shape[-1])).astype(mx.float32)
+        rows = np.array(x).reshape(-1, x.shape[-1])
+        experts = np.array(indices).reshape(-1)
+        if sort:  # the experts call sorted its rows by expert: mlx-lm's _gather_sort order
+            position = np.array(mx.argsort(routed.flatten()))
+        else:
+            position = np.arange(experts.size)
+        token = position // k
+        keep = mask[token]
+        return rows[keep], token[keep], experts[keep]
 
     def finish(self, options: StatOptions) -> dict[str, Any]:
         """Per target: its statistics (a list, one per expert, for a stacked projection)."""
@@ -232,7 +242,11 @@ def run_layers(
     if not decoder[1]:
         raise MlxfunError(f"{type(model).__name__}: found no list of decoder layers to prune")
     token_batches = [mx.array(tokens) for tokens, _ in calibration.batches]
-    runner = LayerRunner(model, None, token_batches, decoder=decoder)
+    try:
+        runner = LayerRunner(model, None, token_batches, decoder=decoder)
+    except MlxfunError as exc:  # the runner's fix names collect; ours is another
+        fix = "; only --method magnitude works without a calibration forward"
+        raise MlxfunError(str(exc).replace("; collect without --stream", fix)) from None
     path, layers = decoder
     try:
         for i, layer in enumerate(layers):

@@ -5,14 +5,15 @@ with explicit groups when the plan merges, else ``prune`` with the plan's keep m
 in docs/plans.md).
 
 Choosing the experts to remove in a layer (greedy, one at a time): the cost of removing expert
-e is its utilisation (scorer score over the layer's mean) times ``1 - s``, with ``s`` its
-similarity to the most similar expert still kept when ``s`` reaches the threshold (it would
-merge there), else times 1 (it would be pruned). The cheapest goes first (ties: lowest id);
-specialists go last (conservative and balanced keep them). At the end every removed expert
-merges into its most similar kept expert at or above the threshold, or is pruned.
+e is its utilisation (scorer score over the layer's mean) times ``min(1, 2 (1 - s))`` (one
+minus the cosine), with ``s`` its similarity to the most similar expert still kept when ``s``
+reaches the threshold (it would merge there), else times 1 (it would be pruned). The cheapest goes first (ties: lowest id);
+specialists go last (conservative and balanced). At the end every removed expert merges into
+its most similar kept expert at or above the threshold, or is pruned. A strategy's total (or a
+target size) is spread across layers by the same costs in the scorer's units (``_allocate``).
 
 The estimated quality impact is the share of the layer's utilisation removed, each merged
-expert's counted times ``1 - similarity``: measured quantities (stats scores and the analysis's
+expert's counted times ``min(1, 2 (1 - similarity))``: measured quantities (stats scores and the analysis's
 similarity), not a measurement of quality.
 """
 
@@ -157,7 +158,8 @@ class ModelPlan:
         data["experts_after"] = sum(x.target_num_experts for x in self.layers)
         data["quality_measure"] = (
             "share of each layer's utilisation (stats scorer) removed, merged experts counted "
-            "times 1 - similarity (analysis similarity); an estimate, not a quality measurement"
+            "times min(1, 2 (1 - similarity)) (analysis similarity); an estimate, not a quality "
+            "measurement"
         )
         return data
 
@@ -228,7 +230,7 @@ def choose_removals(
     removed: list[int] = []
     for _ in range(count):
         partner = np.where(allowed & kept[None, :], similarity, -np.inf).max(axis=1)
-        cost = utilisation / mean * np.where(partner >= threshold, 1 - partner, 1.0)
+        cost = utilisation / mean * np.where(partner >= threshold, merge_loss(partner), 1.0)
         open_ = kept & (quota[group] > 0)
         if not open_.any():
             break
@@ -256,12 +258,21 @@ def assign(similarity, removed, kept, threshold: float, groups: int = 1):
     return merges, pruned
 
 
+def merge_loss(similarity):
+    """What a merge keeps of a pruning's loss: 1 - cosine, at most 1. The similarities map the
+    cosine c to (c + 1) / 2, so this is min(1, 2 (1 - s)): an orthogonal or opposite partner
+    is no better than pruning."""
+    return np.minimum(1.0, 2.0 * (1.0 - np.asarray(similarity, dtype=np.float64)))
+
+
 def impact(similarity, utilisation, merges: dict, pruned) -> float:
-    """Share of the layer's utilisation removed, merged experts times 1 - similarity."""
+    """Share of the layer's utilisation removed, merged experts times ``merge_loss``."""
     total = float(np.sum(utilisation)) or 1.0
     lost = sum(float(utilisation[e]) for e in pruned)
     for target, sources in merges.items():
-        lost += sum(float(utilisation[e]) * (1 - float(similarity[e, target])) for e in sources)
+        lost += sum(
+            float(utilisation[e]) * float(merge_loss(similarity[e, target])) for e in sources
+        )
     return lost / total
 
 
@@ -342,6 +353,14 @@ def make_plan(analysis, request: PlanRequest) -> ModelPlan:
     protect = request.strategy in ("conservative", "balanced")
     if request.target_size is not None:
         removals = _size_removals(analysis, request.target_size, threshold, notes)
+    elif request.strategy is not None:
+        total = sum(
+            len(x.utilisation) - t for x, t in zip(analysis.layers, _targets(analysis, request))
+        )
+        protected = [x.findings["specialists"] if protect else [] for x in analysis.layers]
+        curves = _curves(analysis, threshold, protected)
+        steps = _allocate(curves, lambda removed, size: removed >= total, analysis)[0]
+        removals = [curve[step][0] for curve, step in zip(curves, steps)]
     else:
         targets = _targets(analysis, request)
         removals = []
@@ -427,49 +446,48 @@ def _layer_plan(analysis, layer, removed, name: str, threshold: float) -> Compre
     )
 
 
-def _size_curves(analysis, threshold: float) -> list[list[tuple[list[int], float]]]:
+def _curves(analysis, threshold: float, protected=None) -> list[list[tuple[list[int], float]]]:
     """Per layer, for every removal count it allows (steps of one expert per router group,
-    down to its minimum): ``(removed, impact)``."""
+    down to its minimum): ``(removed, lost utilisation)``, the lost utilisation in the
+    scorer's own units (``impact`` times the layer's total), so layers compare as model-wide
+    selection compares them."""
     groups = analysis.router_groups[0]
     name = analysis.settings["similarity"]
     curves = []
-    for layer in analysis.layers:
+    for position, layer in enumerate(analysis.layers):
         sim, util = _layer_arrays(layer, name)
+        guard = protected[position] if protected else []
         stored = len(util)
         most = _round_to_groups(stored - layer.min_keep, groups)
         if groups == 1:  # the greedy's first picks are the plan for fewer removals
-            order = choose_removals(sim, util, most, threshold)
+            order = choose_removals(sim, util, most, threshold, guard)
             options = [order[:count] for count in range(most + 1)]
         else:
             options = [
-                choose_removals(sim, util, count, threshold, (), groups)
+                choose_removals(sim, util, count, threshold, guard, groups)
                 for count in range(0, most + 1, groups)
             ]
+        total = float(np.sum(util))
         curves.append(
             [
-                (sorted(r), impact(sim, util, *assign(sim, r, _kept(stored, r), threshold, groups)))
+                (
+                    sorted(r),
+                    total * impact(sim, util, *assign(sim, r, _kept(stored, r), threshold, groups)),
+                )
                 for r in options
             ]
         )
     return curves
 
 
-def _size_removals(analysis, target: int, threshold: float, notes: list) -> list[list[int]]:
-    """Removals that bring the model to ``target`` bytes: each step takes one more expert per
-    router group from the layer where the estimated impact grows least; stop at the first size
-    at or below the target."""
+def _allocate(curves, done, analysis) -> tuple[list[int], int, bool]:
+    """Greedy across layers: each step takes one more expert per router group from the layer
+    where the lost utilisation grows least, until ``done(removed, size)``. Returns the steps
+    per layer, the size and whether ``done`` was reached."""
     groups = analysis.router_groups[0]
-    total = analysis.bytes_total
-    non_expert = total - analysis.bytes_experts
-    if target < non_expert:
-        raise MlxfunError(
-            f"--target-size {target} bytes is below the model's non-expert weights "
-            f"({non_expert} bytes); no expert plan gets there"
-        )
-    curves = _size_curves(analysis, threshold)
     steps = [0] * len(curves)
-    size = total
-    while size > target:
+    size, removed = analysis.bytes_total, 0
+    while not done(removed, size):
         best = None
         for i, curve in enumerate(curves):
             if steps[i] + 1 < len(curve):
@@ -477,14 +495,31 @@ def _size_removals(analysis, target: int, threshold: float, notes: list) -> list
                 if best is None or cost < best[0]:
                     best = (cost, i)
         if best is None:
-            notes.append(
-                f"target size {target} bytes not reached: every layer is at its minimum "
-                f"(top-k / router groups); the smallest plan is {size} bytes"
-            )
-            break
+            return steps, size, False
         steps[best[1]] += 1
+        removed += groups
         size -= groups * analysis.layers[best[1]].expert_bytes
-    if size <= target and (target - size) > SIZE_TOLERANCE * target:
+    return steps, size, True
+
+
+def _size_removals(analysis, target: int, threshold: float, notes: list) -> list[list[int]]:
+    """Removals that bring the model to ``target`` bytes (``_allocate``), stopping at the first
+    size at or below the target."""
+    groups = analysis.router_groups[0]
+    non_expert = analysis.bytes_total - analysis.bytes_experts
+    if target < non_expert:
+        raise MlxfunError(
+            f"--target-size {target} bytes is below the model's non-expert weights "
+            f"({non_expert} bytes); no expert plan gets there"
+        )
+    curves = _curves(analysis, threshold)
+    steps, size, reached = _allocate(curves, lambda removed, size: size <= target, analysis)
+    if not reached:
+        notes.append(
+            f"target size {target} bytes not reached: every layer is at its minimum "
+            f"(top-k / router groups); the smallest plan is {size} bytes"
+        )
+    elif target - size > SIZE_TOLERANCE * target:
         step = max(x.expert_bytes for x in analysis.layers) * groups
         notes.append(
             f"size {size} bytes is {(target - size) / target:.1%} below the target: one step "

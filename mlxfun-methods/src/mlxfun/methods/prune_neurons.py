@@ -148,6 +148,12 @@ def prune_neurons(request: PruneNeuronsRequest) -> dict:
     if not layers:
         raise MlxfunError(f"{type(model).__name__}: found no list of decoder layers")
     first = 0 if request.last is None else max(0, len(layers) - request.last)
+    if first > 0:
+        raise MlxfunError(
+            f"--last {request.last} would leave the first {first} layers at their size, but the "
+            "config holds one intermediate size for every layer (per-layer sizes are not "
+            "supported yet): leave out --last"
+        )
     units_of = {}
     for index, layer in enumerate(layers):
         if index >= first:
@@ -210,6 +216,7 @@ def prune_neurons(request: PruneNeuronsRequest) -> dict:
     }
     with atomic_output_dir(request.output, force=request.force, inputs=inputs) as tmp:
         write_model(tmp, model, request.model, config=new_config, provenance=provenance)
+        _check_loads(tmp, provenance["config_changes"])
         bytes_after = _weight_bytes(tmp)
     return {
         "method": request.method,
@@ -230,3 +237,18 @@ def _weight_bytes(directory) -> int:
     return sum(
         tensor_bytes(i) for shard in read_headers(directory).values() for i in shard.values()
     )
+
+
+def _check_loads(directory: Path, changes: dict) -> None:
+    """The written model builds from its config with exactly its weights' shapes (an
+    architecture that derives another size from the changed key, such as shared experts sized
+    from ``moe_intermediate_size``, does not)."""
+    from mlxfun.core.models import load_mlx_model
+
+    try:
+        load_mlx_model(directory, lazy=True)
+    except MlxfunError as exc:
+        raise MlxfunError(
+            f"the pruned model does not load with config {changes} ({exc}); this architecture "
+            "sizes other modules from that key: prune-neurons does not support it"
+        ) from None

@@ -82,7 +82,8 @@ def model_type_of(model) -> str:
 
 @attrs.define
 class Writer:
-    """One module that writes the residual stream: ``kind`` embed, attn, mlp or expert."""
+    """One module that writes the residual stream: ``kind`` embed, attn, mlp (a dense MLP's
+    down projection), expert (the stacked routed experts) or shared (shared experts)."""
 
     path: str
     module: object = attrs.field(repr=False)
@@ -109,7 +110,7 @@ def residual_writers(model, skip_experts: bool = False) -> list[Writer]:
             if not has_path(layer, path):
                 continue
             in_mlp += 1
-            kind = "expert" if name in ROUTED else "mlp"
+            kind = "expert" if name in ROUTED else "shared" if "shared" in name else "mlp"
             if kind == "expert" and skip_experts:
                 continue
             found.append(Writer(f"{prefix}.{path}", get_path(layer, path), kind))

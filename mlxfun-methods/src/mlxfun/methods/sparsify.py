@@ -107,8 +107,6 @@ def check_request(request: SparsifyRequest, nm) -> None:
         raise MlxfunError(f"--tfidf-mode must be doc or topic, got {request.tfidf_mode!r}")
     if request.batch_size < 1 or request.max_tokens < 2:
         raise MlxfunError("--batch-size must be at least 1 and --max-tokens at least 2")
-    if not request.dataset:
-        raise MlxfunError("pass a calibration --dataset (JSONL, text file or directory)")
     if request.output is None:
         raise MlxfunError("pass an --output directory")
 
@@ -163,6 +161,11 @@ def sparsify(request: SparsifyRequest) -> dict:
     nm = parse_pattern(request.pattern)
     check_request(request, nm)
     scorer = plugins.get_neuron_scorer(request.method)
+    if scorer.stats and not request.dataset:
+        raise MlxfunError(
+            f"--method {request.method} needs a calibration --dataset (JSONL, text file or "
+            "directory)"
+        )
     inputs = [request.model, *request.dataset]
     check_output(request.output, request.force, inputs)
     start = time.perf_counter()
@@ -197,17 +200,18 @@ def sparsify(request: SparsifyRequest) -> dict:
     calibration = None
     if scorer.stats:
         calibration = load_calibration(request, tokenizer)
-        bar = _progress(request, layers)
-        run_layers(
-            model,
-            calibration,
-            targets_of,
-            on_layer,
-            options=request.stat_options(),
-            sequential=request.sequential,
-            progress=(lambda i: bar.update(1)) if bar else None,
-        )
-        if bar:
+        bar = _Progress(layers if request.progress else 0)
+        try:
+            run_layers(
+                model,
+                calibration,
+                targets_of,
+                on_layer,
+                options=request.stat_options(),
+                sequential=request.sequential,
+                progress=bar.step,
+            )
+        finally:
             bar.close()
     else:  # magnitude: no calibration forward
         from mlxfun.core.runner import all_decoder_layers
@@ -232,12 +236,25 @@ def sparsify(request: SparsifyRequest) -> dict:
     return summary
 
 
-def _progress(request, total):
-    if not request.progress:
-        return None
-    from tqdm import tqdm
+class _Progress:
+    """A tqdm bar over the decoder layers, shown from the first finished layer on (so that a
+    refusal before any layer ran is a clean error line); ``total`` 0: no bar."""
 
-    return tqdm(total=total, desc="layers", unit="layer")
+    def __init__(self, total: int):
+        self.total = total
+        self.bar = None
+
+    def step(self, index: int) -> None:
+        if self.total and self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc="layers", unit="layer")
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _layer_count(model) -> int:
