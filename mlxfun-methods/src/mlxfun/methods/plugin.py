@@ -26,3 +26,19 @@ def register_compressors(register):
 
     for compressor in COMPRESSORS:
         register(compressor)
+
+
+@hookimpl
+def register_interventions(register):
+    from .interventions import INTERVENTIONS
+
+    for intervention in INTERVENTIONS:
+        register(intervention)
+
+
+@hookimpl
+def register_neuron_scorers(register):
+    from .neuron_scorers import NEURON_SCORERS
+
+    for scorer in NEURON_SCORERS:
+        register(scorer)
