@@ -103,6 +103,7 @@ def render() -> str:
         ("selector", types.Selector),
         ("compressor", types.Compressor),
         ("intervention", types.Intervention),
+        ("neuron_scorer", types.NeuronScorer),
     ):
         lines += protocol(kind, cls) + [""]
     for cls, heading in (

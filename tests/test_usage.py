@@ -37,9 +37,9 @@ def run_mlxfun(*argv) -> subprocess.CompletedProcess:
             "Error: No such option",
         ),
         (
-            ["analyze"],
+            ["frobnicate"],
             "Usage: mlxfun [OPTIONS] COMMAND [ARGS]...",
-            "Error: No such command 'analyze'",
+            "Error: No such command 'frobnicate'",
         ),
         (
             ["prune", "--model", "m", "--stats", "s.npz", "--n", "abc", "--dry-run"],

@@ -93,17 +93,46 @@ def test_hooks_restore_the_class_and_leave_outputs_alone(model):
     assert mx.array_equal(plain, hooked).item()
 
 
-def test_hooks_restore_the_class_on_error_and_refuse_double_hooks(model):
+def test_hooks_restore_the_class_on_error_and_refuse_a_wrapper_twice(model):
     block = model.layers[1].moe
     cls = type(block)
     with pytest.raises(RuntimeError, match="boom"):
         with call_hooks([(block, lambda m, call, x: call(x))]):
             raise RuntimeError("boom")
     assert type(block) is cls and not getattr(block, "_mlxfun_hooked", False)
+    same = lambda m, c, x: c(x)  # noqa: E731
     with pytest.raises(RuntimeError, match="already hooked"):
-        with call_hooks([(block, lambda m, c, x: c(x)), (block, lambda m, c, x: c(x))]):
+        with call_hooks([(block, same), (block, same)]):
             pass
     assert type(block) is cls
+
+
+def test_hooks_on_one_module_chain_last_installed_outermost(model):
+    """Two users hooking one block (observation and steering) share one hooked class."""
+    block = model.layers[1].moe
+    cls = type(block)
+    order = []
+
+    def first(module, call, x):
+        order.append("first")
+        return call(x) + 1.0
+
+    def second(module, call, x):
+        order.append("second")
+        return call(x) * 2.0
+
+    plain = block(mx.ones((1, 16)))
+    with call_hooks([(block, first)]):
+        hooked_class = type(block)
+        with call_hooks([(block, second)]):
+            assert type(block) is hooked_class
+            both = block(mx.ones((1, 16)))
+        assert type(block) is hooked_class
+        one = block(mx.ones((1, 16)))
+    assert type(block) is cls
+    assert order == ["second", "first", "first"]
+    assert mx.allclose(both, (plain + 1.0) * 2.0).item()
+    assert mx.allclose(one, plain + 1.0).item()
 
 
 def test_the_adapter_finds_strided_moe_layers(model):

@@ -19,9 +19,18 @@ COMMAND_MODULES = (
     "inspect_cmd",
     "stats_cmd",
     "prune_cmd",
+    "steer_cmd",
+    "amplify_cmd",
     "merge_cmd",
     "check_cmd",
+    "scan_cmd",
+    "serve_cmd",
     "abliterate_cmd",
+    "analyze_cmd",
+    "plan_cmd",
+    "apply_cmd",
+    "sparsify_cmd",
+    "prune_neurons_cmd",
 )
 
 

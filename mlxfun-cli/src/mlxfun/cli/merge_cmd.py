@@ -40,6 +40,15 @@ def register(app: typer.Typer) -> None:
         target: list[str] = typer.Option(
             None, "--target", help="Never a centroid (counts towards --n); same forms."
         ),
+        protect_from: list[str] = typer.Option(
+            None,
+            "--protect-from",
+            help="Also protect the experts of a scan report: REPORT.json[:GROUP] (default: "
+            "every group; checked against this model); repeatable.",
+        ),
+        target_from: list[str] = typer.Option(
+            None, "--target-from", help="Also target a scan report's experts; as --protect-from."
+        ),
         min_keep: int = typer.Option(
             None, "--min-keep", help="Experts every layer keeps at least (default: top-k)."
         ),
@@ -69,8 +78,8 @@ def register(app: typer.Typer) -> None:
     ):
         """Merge experts into the most salient ones (REAM) and write the smaller model."""
         from mlxfun.core import plugins
-        from mlxfun.methods.prune import parse_expert_lists
         from mlxfun.methods.ream import MergeRequest
+        from mlxfun.methods.scan_report import expert_option
 
         request = MergeRequest(
             model=model,
@@ -81,8 +90,8 @@ def register(app: typer.Typer) -> None:
             selector=selector,
             n=n,
             ratio=ratio,
-            protect=parse_expert_lists(protect, "--protect"),
-            target=parse_expert_lists(target, "--target"),
+            protect=expert_option(protect, protect_from, model, "--protect"),
+            target=expert_option(target, target_from, model, "--target"),
             min_keep=min_keep,
             normalize=normalize,
             group_size=group_size,

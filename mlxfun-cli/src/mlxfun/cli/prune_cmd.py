@@ -77,6 +77,15 @@ def register(app: typer.Typer) -> None:
         target: list[str] = typer.Option(
             None, "--target", help="Always remove (counts towards --n); same forms as --protect."
         ),
+        protect_from: list[str] = typer.Option(
+            None,
+            "--protect-from",
+            help="Also protect the experts of a scan report: REPORT.json[:GROUP] (default: "
+            "every group; checked against this model); repeatable.",
+        ),
+        target_from: list[str] = typer.Option(
+            None, "--target-from", help="Also target a scan report's experts; as --protect-from."
+        ),
         min_keep: int = typer.Option(
             None, "--min-keep", help="Experts every layer keeps at least (default: top-k)."
         ),
@@ -95,7 +104,8 @@ def register(app: typer.Typer) -> None:
     ):
         """Remove the least important experts (REAP pruning) and write the smaller model."""
         from mlxfun.core import plugins
-        from mlxfun.methods.prune import PruneRequest, parse_expert_lists
+        from mlxfun.methods.prune import PruneRequest
+        from mlxfun.methods.scan_report import expert_option
 
         request = PruneRequest(
             model=model,
@@ -105,8 +115,8 @@ def register(app: typer.Typer) -> None:
             selector=selector,
             n=n,
             ratio=ratio,
-            protect=parse_expert_lists(protect, "--protect"),
-            target=parse_expert_lists(target, "--target"),
+            protect=expert_option(protect, protect_from, model, "--protect"),
+            target=expert_option(target, target_from, model, "--target"),
             min_keep=min_keep,
             normalize=normalize,
             force=force,

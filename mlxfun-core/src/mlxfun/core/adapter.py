@@ -195,12 +195,19 @@ class MoEAdapter:
         return value
 
     def router_logits(self, block, x):
+        """The router's logits for block input ``x``; a router bias registered on a block whose
+        router is a raw array (``hooks.router_biases``, steering) is added to them."""
+        from .hooks import router_bias
+
         if self.logits is not None:
-            return self.logits(block, x)
-        router = get_path(block, self.router_attr)
-        if callable(router):
-            return router(x)
-        return x @ router.T
+            logits = self.logits(block, x)
+        else:
+            router = get_path(block, self.router_attr)
+            if callable(router):
+                return router(x)
+            logits = x @ router.T
+        bias = router_bias(block)
+        return logits if bias is None else logits + bias.astype(logits.dtype)
 
     def router_scores(self, block, logits):
         """Every expert's router probability before the top-k selection, (..., E) float32: what

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from pluggy import HookimplMarker, HookspecMarker
 
 if TYPE_CHECKING:  # (typer is not imported even here: the core never needs it)
-    from .types import Adapter, Compressor, Intervention, Scorer, Selector
+    from .types import Adapter, Compressor, Intervention, NeuronScorer, Scorer, Selector
 
 hookspec = HookspecMarker("mlxfun")
 hookimpl = HookimplMarker("mlxfun")
@@ -41,6 +41,12 @@ def register_compressors(register: Callable[[Compressor], None]) -> None:
 @hookspec
 def register_interventions(register: Callable[[Intervention], None]) -> None:
     """Register interventions (steer, abliterate, amplify, ...): ``register(intervention)``."""
+
+
+@hookspec
+def register_neuron_scorers(register: Callable[[NeuronScorer], None]) -> None:
+    """Register neuron scorers (weight importance from input statistics, for `sparsify` and
+    `prune-neurons`): ``register(neuron_scorer)``."""
 
 
 @hookspec

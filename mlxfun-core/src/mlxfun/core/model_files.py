@@ -6,6 +6,7 @@ written by mlxfun, and builds each from code that is installed, never from the f
 
 - ``mlxfun_nonuniform.py`` (``nonuniform``): from mlxfun's template and the installed base
   module;
+- ``mlxfun_router_bias.py`` (``biased_routers``, ``mlxfun amplify``): likewise;
 - a copy of a plugin's model module (config ``"mlxfun": {"model_module": "package.module"}``):
   from that module as installed, when the installed adapter of the config's model type
   declares it (``architectures``).
@@ -22,7 +23,7 @@ imports only absolute names: mlx-lm runs it alone, outside its package.
 import ast
 from pathlib import Path
 
-from . import architectures, nonuniform
+from . import architectures, biased_routers, nonuniform
 from .errors import MlxfunError
 
 MODULE_KEY = "model_module"  # config["mlxfun"][MODULE_KEY]: the module a model_file copies
@@ -49,6 +50,9 @@ def model_file_classes(model_dir, config: dict) -> tuple[type, type]:
     model_file = config["model_file"]
     if nonuniform.is_nonuniform(config):
         module = nonuniform.load_module(config)
+        return module.Model, module.ModelArgs
+    if biased_routers.has_router_biases(config):
+        module = biased_routers.load_module(config)
         return module.Model, module.ModelArgs
     copied = copied_module(config)
     if copied is None:

@@ -75,6 +75,12 @@ class Observer:
 
     def observations(self, mask=None) -> list[LayerObservation]:
         """Evaluate what the last forward recorded; ``mask`` (batch, seq) marks real tokens."""
+        return self.finish(self.pending(), mask)
+
+    def pending(self) -> list[dict]:
+        """What the last forward recorded, per MoE layer, as lazy MLX arrays (the adapter's
+        routing recomputed from the block input), not evaluated yet; the records are cleared.
+        ``finish`` (or ``finish(concat_pending([...]))`` for several forwards) evaluates it."""
         import mlx.core as mx
 
         pending = []
@@ -98,12 +104,32 @@ class Observer:
             if "outputs" in self.needs:
                 item["outputs"] = record.outputs.astype(mx.float32)
             pending.append(item)
+            record.x = record.indices = record.outputs = None
+        return pending
+
+    def concat_pending(self, forwards: list[list[dict]]) -> list[dict]:
+        """Several forwards' ``pending`` as one (tokens in order), so that one ``finish``
+        evaluates and converts them all: per token, the same observations."""
+        import mlx.core as mx
+
+        merged = []
+        for position, layer in enumerate(self.layers):
+            k, item = layer.top_k, {}
+            for key in forwards[0][position]:
+                parts = [f[position][key] for f in forwards]
+                width = parts[0].shape[-1]
+                tail = {"logits": (width,), "outputs": (k, width)}.get(key, (k,))
+                item[key] = mx.concatenate([p.reshape(-1, *tail) for p in parts])
+            merged.append(item)
+        return merged
+
+    def finish(self, pending: list[dict], mask=None) -> list[LayerObservation]:
+        """Evaluate ``pending`` into one ``LayerObservation`` per MoE layer."""
+        import mlx.core as mx
+
         mx.eval(pending)
         keep = None if mask is None else np.asarray(mask, dtype=bool).reshape(-1)
-        result = [self._observation(layer, item, keep) for layer, item in zip(self.layers, pending)]
-        for record in self.records:
-            record.x = record.indices = record.outputs = None
-        return result
+        return [self._observation(layer, item, keep) for layer, item in zip(self.layers, pending)]
 
     def _observation(self, layer, item, keep) -> LayerObservation:
         k = layer.top_k

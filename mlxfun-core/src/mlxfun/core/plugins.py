@@ -233,6 +233,10 @@ def get_intervention(name: str):
     return get_plugin("intervention", name)
 
 
+def get_neuron_scorer(name: str):
+    return get_plugin("neuron_scorer", name)
+
+
 def adapter_for_config(config: dict):
     """The adapter for a model's config.json, or a one-line error listing what is supported."""
     model_type = config.get("model_type")

@@ -22,7 +22,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from .adapter import get_path
+from .adapter import get_path, has_path
 from .errors import MlxfunError
 from .hooks import call_hooks
 
@@ -62,6 +62,17 @@ def decoder_layers(model, moe_layers) -> tuple[str, list]:
         return "", []
     path = paths.pop()
     return path, get_path(model, path)
+
+
+def all_decoder_layers(model) -> tuple[str, list]:
+    """``(path, layers)``: the decoder layer list of a model with no MoE layer to find it by
+    (a dense mlx-lm model: ``model.layers``), or ``("", [])``."""
+    for path in ("model.layers", "layers", "model.model.layers", "language_model.model.layers"):
+        if has_path(model, path):
+            layers = get_path(model, path)
+            if isinstance(layers, list) and layers:
+                return path, layers
+    return "", []
 
 
 def refusal(model_type, why: str) -> MlxfunError:
@@ -236,15 +247,34 @@ def release_outside(model, prefix: str) -> None:
 
 class LayerRunner:
     """The decoder layers ``0..stop`` of ``model`` applied to ``token_batches`` one layer at a
-    time. ``spill``: a directory for the hidden states (else they stay in memory)."""
+    time. ``spill``: a directory for the hidden states (else they stay in memory).
+    ``decoder``: ``(path, layers)`` given by the caller (``all_decoder_layers`` for a dense
+    model, ``adapter`` then None) instead of the list that holds the MoE blocks; ``stop``
+    defaults to the last MoE layer, or with ``decoder`` to the last layer."""
 
-    def __init__(self, model, adapter, token_batches, stop: int | None = None, spill=None):
-        model_type = getattr(getattr(model, "args", None), "model_type", "") or adapter.name
-        self.moe_layers = adapter.moe_layers(model)
-        self.path, self.layers = decoder_layers(model, self.moe_layers)
+    def __init__(
+        self,
+        model,
+        adapter,
+        token_batches,
+        stop: int | None = None,
+        spill=None,
+        decoder: tuple[str, list] | None = None,
+    ):
+        model_type = getattr(getattr(model, "args", None), "model_type", "") or getattr(
+            adapter, "name", ""
+        )
+        self.moe_layers = adapter.moe_layers(model) if adapter is not None else []
+        if decoder is None:
+            self.path, self.layers = decoder_layers(model, self.moe_layers)
+        else:
+            self.path, self.layers = decoder
         if not self.layers:
             raise refusal(model_type, "its MoE blocks are not in one list of decoder layers")
-        self.stop = max(layer.index for layer in self.moe_layers) if stop is None else stop
+        if stop is None:
+            moe = [layer.index for layer in self.moe_layers]
+            stop = max(moe) if decoder is None else len(self.layers) - 1
+        self.stop = stop
         self.calls: list[list[LayerCall]] = []
         firsts = []
         for tokens in token_batches:

@@ -9,6 +9,7 @@ Nothing here imports MLX or numpy, so listing plugins stays fast.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:  # annotations only: importing numpy costs ~0.1-0.2 s of every
 
     from .adapter import MoELayer
 
-KINDS = ("adapter", "scorer", "selector", "compressor", "intervention")
+KINDS = ("adapter", "scorer", "selector", "compressor", "intervention", "neuron_scorer")
 
 # Attributes each kind must provide, in addition to ``name`` and ``description``.
 REQUIRED_ATTRIBUTES = {
@@ -29,10 +30,17 @@ REQUIRED_ATTRIBUTES = {
     "selector": ("select",),
     "compressor": ("compress",),
     "intervention": ("apply",),
+    "neuron_scorer": ("stats", "score"),
 }
 
 # What a scorer may ask the observer for (``Scorer.needs``).
 OBSERVABLES = frozenset({"selected", "weights", "logits", "norms", "outputs"})
+
+# The per-input-channel calibration statistics a neuron scorer may read (``NeuronScorer.stats``;
+# definitions: docs/neuron-pruning.md).
+CHANNEL_STATS = frozenset(
+    {"count", "sq_norm", "mean", "mean_abs", "active", "top_mean", "tf", "df", "docs", "fisher"}
+)
 
 # The plain attributes of the protocols below (their methods say what they are themselves).
 ATTRIBUTE_DOCS = {
@@ -40,6 +48,9 @@ ATTRIBUTE_DOCS = {
     "stats file keys)",
     "description": "one line, shown by `mlxfun plugins`",
     "model_types": "the `config.json` `model_type` values it handles (one adapter per type)",
+    "stats": "the per-input-channel statistics `score` reads: a subset of `CHANNEL_STATS` = {"
+    + ", ".join(f"`{s}`" for s in sorted(CHANNEL_STATS))
+    + "}",
     "needs": "what `update` reads besides `selected` and `weights`: a subset of "
     "`OBSERVABLES` = {" + ", ".join(f"`{o}`" for o in sorted(OBSERVABLES)) + "}",
 }
@@ -284,10 +295,34 @@ class Compressor(Protocol):
 
 @runtime_checkable
 class Intervention(Protocol):
-    """Changes a loaded model's behaviour: ``apply(model, adapter, **options)``."""
+    """Changes a loaded model's behaviour: ``apply(model, adapter, **options)``, in place; returns
+    a function that undoes the change, or None when the change stays (a weight edit)."""
 
     name: str
     description: str
 
-    def apply(self, model: mlx.nn.Module, adapter: Adapter, **options: Any) -> None:
-        """Change the loaded `model` in place; no command passes options yet."""
+    def apply(
+        self, model: mlx.nn.Module, adapter: Adapter, **options: Any
+    ) -> Callable[[], None] | None:
+        """Change the loaded `model` in place (hooks, router biases, weight edits); `options`
+        are the intervention's own (`steer`: `spec=`). Return a no-argument function that
+        restores the model exactly (run-time changes), or None (permanent ones). Route
+        through `mlxfun.core.router_bias` / `hooks` so observation sees the change."""
+
+
+@runtime_checkable
+class NeuronScorer(Protocol):
+    """Scores every weight of one linear layer (or of one expert's projection) from the
+    statistics of that layer's calibration inputs, per input channel: higher = more important.
+    ``mlxfun sparsify`` zeroes the lowest scores of every output row (or of every group of M
+    inputs of a row); ``mlxfun prune-neurons`` sums a down projection's scores per column
+    (per intermediate neuron)."""
+
+    name: str
+    description: str
+    stats: frozenset[str]
+
+    def score(self, weight: np.ndarray, stats: dict[str, np.ndarray], **options: Any) -> np.ndarray:
+        """`weight`: float32 (out, in), not to be modified; `stats`: the float64 statistics
+        named in `stats`, each (in,) (`count` and `docs` are 0-d); `options`: exponents and the
+        like (accept `**options`). Returns a finite float array of the weight's shape."""

@@ -34,3 +34,11 @@ def register_interventions(register):
 
     for intervention in INTERVENTIONS:
         register(intervention)
+
+
+@hookimpl
+def register_neuron_scorers(register):
+    from .neuron_scorers import NEURON_SCORERS
+
+    for scorer in NEURON_SCORERS:
+        register(scorer)

@@ -79,6 +79,10 @@ class MergeRequest(PruneRequest):
     batch_size: int = 4
     seed: int = 0
     progress: bool = True
+    # Explicit groups (``mlxfun apply``): {decoder layer index: {centroid: [members]}}, every
+    # kept expert a centroid; removed experts in no group are dropped. None: REAM's grouping.
+    groups: dict | None = None
+    plan: dict | None = None  # recorded in mlxfun.json as "plan" (``mlxfun apply``)
 
     def prune_request(self) -> PruneRequest:
         return PruneRequest(**{f.name: getattr(self, f.name) for f in attrs.fields(PruneRequest)})
@@ -624,6 +628,8 @@ def merge(request: MergeRequest) -> dict:
         report = _merge_into(plan, tmp, samples, request)
         provenance = dict(plan.provenance)
         provenance.update(report["provenance"])
+        if request.plan is not None:
+            provenance["plan"] = request.plan
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     summary = finish_summary(summary, written)
     summary["layers"] = report["rows"]
@@ -730,19 +736,44 @@ def _merge_layer_into(run: _MergeRun, plan_layer, mem_layer, saliency: np.ndarra
         activation = experts.activation
         _check_elementwise(kind, activation, int(weights[next(iter(weights))].shape[1]))
         _check_formula(adapter, mem_layer, kind, activation, weights, keep, x)
-        logits, probs = full_router_scores(model, adapter, mem_layer, plan_layer, tensors, x)
         bar.update(1)
-        means, logits_np = layer_statistics(
-            kind, activation, weights, x, logits, probs, plan_layer.num_experts
-        )
-        similarity = expert_similarity(means, logits_np)
-        groups = group_experts(similarity, saliency, keep, request.group_size)
+        if request.groups is not None:
+            groups = explicit_groups(request.groups, plan_layer, keep)
+        else:
+            logits, probs = full_router_scores(model, adapter, mem_layer, plan_layer, tensors, x)
+            means, logits_np = layer_statistics(
+                kind, activation, weights, x, logits, probs, plan_layer.num_experts
+            )
+            similarity = expert_similarity(means, logits_np)
+            groups = group_experts(similarity, saliency, keep, request.group_size)
         bar.total = 3 + sum(1 for members in groups.values() if members)
         bar.update(1)
         x_align = x[mx.array(run.align_index)] if len(run.align_index) < x.shape[0] else x
         merged, _ = merge_layer(kind, activation, weights, groups, saliency, x_align, bar.update)
         _apply(model, experts, plan_layer, keep, merged, run.directory, run.out_headers)
     return groups
+
+
+def explicit_groups(groups: dict, plan_layer, keep: list[int]) -> dict[int, list[int]]:
+    """``{centroid: sorted members}`` of one layer from ``MergeRequest.groups``: centroids are
+    kept experts, members removed ones, each in one group at most."""
+    given = groups.get(plan_layer.index, groups.get(str(plan_layer.index), {}))
+    result = {c: [] for c in keep}
+    seen: set = set()
+    for centroid, members in given.items():
+        centroid, members = int(centroid), sorted(int(m) for m in members)
+        if centroid not in result:
+            raise MlxfunError(f"layer {plan_layer.index}: merge target {centroid} is not kept")
+        bad = [
+            m for m in members if m in result or m in seen or not 0 <= m < plan_layer.num_experts
+        ]
+        if bad:
+            raise MlxfunError(
+                f"layer {plan_layer.index}: merge sources {bad} are kept, repeated or not experts"
+            )
+        seen.update(members)
+        result[centroid] = members
+    return result
 
 
 def _layer_row(plan_layer, keep: list[int], groups: dict, elapsed: float) -> dict:
@@ -766,6 +797,7 @@ def _ream_provenance(request: MergeRequest, total_tokens, groups, saliency, quan
     provenance = {
         "ream": {
             "group_size": request.group_size,
+            "explicit_groups": request.groups is not None,
             "tokens": total_tokens,
             "max_tokens": request.max_tokens,
             "align_tokens": int(min(request.align_tokens, total_tokens)),

@@ -27,10 +27,10 @@ functions that run a model.
 
 One module per plugin kind, and the helpers they share:
 
-- ``plugin``: ``check_plugin``, the attributes every kind declares (interventions have no
-  further check yet: no command applies them);
-- ``scorer``, ``selector``, ``adapter``, ``compressor``: ``check_scorer``, ``check_selector``,
-  ``check_adapter``, ``check_compressor``;
+- ``plugin``: ``check_plugin``, the attributes every kind declares;
+- ``scorer``, ``selector``, ``adapter``, ``compressor``, ``intervention``, ``neuron_scorer``:
+  ``check_scorer``, ``check_selector``, ``check_adapter``, ``check_compressor``,
+  ``check_intervention``, ``check_neuron_scorer``;
 - ``commands``: the commands' path: tiny checkpoints with their stats, ``collect`` and
   ``prune`` through the functions the CLI calls, the kit's own scorer and selector;
 - ``conformance``: ``PluginConformance``, the pytest base class running them;
@@ -46,6 +46,8 @@ Import the names from ``mlxfun.core.testing``; the modules are its layout, not i
 from .adapter import check_adapter
 from .compressor import check_compressor
 from .conformance import PluginConformance
+from .intervention import check_intervention
+from .neuron_scorer import check_neuron_scorer
 from .observations import make_observation
 from .plugin import NAME_PATTERN, check_plugin
 from .plugin_state import fresh_plugin_state, registered_plugin, substituted_plugin
@@ -60,6 +62,8 @@ __all__ = [
     "build_tiny_model",
     "check_adapter",
     "check_compressor",
+    "check_intervention",
+    "check_neuron_scorer",
     "check_plugin",
     "check_scorer",
     "check_selector",

@@ -3,6 +3,8 @@
 from .adapter import check_adapter
 from .compressor import check_compressor
 from .failures import plugin_label
+from .intervention import check_intervention
+from .neuron_scorer import check_neuron_scorer
 from .plugin import check_plugin
 from .scorer import check_scorer
 from .selector import check_selector
@@ -16,7 +18,8 @@ class PluginConformance:
     object of that name, i.e. that your entry point works; set it False for objects you do not
     register. ``checks`` passes keyword arguments to the kind's check function (for instance
     ``{"n": 3}`` for a selector, ``{"check_weights": False}`` for an adapter, ``{"commands":
-    False}`` to skip the commands' path where only mlxfun-core is installed).
+    False}`` to skip the commands' path where only mlxfun-core is installed, ``{"options":
+    {...}}`` for an intervention's own options).
     """
 
     plugin_kind: str = ""
@@ -45,6 +48,10 @@ class PluginConformance:
             check_adapter(obj, model, model_type, **options)
         elif kind == "compressor":
             check_compressor(obj, **options)
+        elif kind == "intervention":
+            check_intervention(obj, **options)
+        elif kind == "neuron_scorer":
+            check_neuron_scorer(obj, **options)
         else:
             check_plugin(kind, obj)
 

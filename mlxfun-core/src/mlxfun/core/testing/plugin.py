@@ -2,7 +2,7 @@
 
 import re
 
-from ..types import KINDS, OBSERVABLES, REQUIRED_ATTRIBUTES
+from ..types import CHANNEL_STATS, KINDS, OBSERVABLES, REQUIRED_ATTRIBUTES
 from .failures import fail, plugin_label
 
 # Names appear on the command line and in stats file keys (``acc.<scorer>.<key>``): no dots,
@@ -44,7 +44,7 @@ def check_plugin(kind: str, obj) -> None:
         )
     for attr in REQUIRED_ATTRIBUTES[kind]:
         value = getattr(obj, attr)
-        if attr in ("model_types", "needs"):
+        if attr in ("model_types", "needs", "stats"):
             continue
         if not callable(value):
             fail(label, f"{attr} must be callable, got {type(value).__name__}")
@@ -60,6 +60,17 @@ def check_plugin(kind: str, obj) -> None:
                 label,
                 f"needs {sorted(unknown)} are not observable; choose from "
                 f"{', '.join(sorted(OBSERVABLES))}",
+            )
+    if kind == "neuron_scorer":
+        stats = obj.stats
+        if not isinstance(stats, frozenset | set):
+            fail(label, f"stats must be a frozenset, got {type(stats).__name__}")
+        unknown = set(stats) - CHANNEL_STATS
+        if unknown:
+            fail(
+                label,
+                f"stats {sorted(unknown)} are not collected; choose from "
+                f"{', '.join(sorted(CHANNEL_STATS))}",
             )
 
 
