@@ -296,10 +296,23 @@ def shared_expert_models():
             },
         ),
         ("qwen2_moe", ARCHS["qwen2_moe"], {}, None),
+        # 30%: experts keep 22 neurons, the two shared ones 45 (no multiple of 2)
+        (
+            "deepseek_v3",
+            dict(DEEPSEEK_V3, n_shared_experts=2),
+            {"ratio": 0.3, "last": 1},
+            {
+                "model.layers.2.mlp.switch_mlp": {"moe_intermediate_size": 22},
+                "model.layers.2.mlp.shared_experts": {
+                    "moe_intermediate_size": 45,
+                    "n_shared_experts": 1,
+                },
+            },
+        ),
     ]
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_shared_experts_are_pruned_like_dense_mlps(data, tmp_path, case):
     model_type, args, options, modules = shared_expert_models()[case]
     source = save_tiny_checkpoint(tmp_path / "src", model_type, dict(args), seed=case)
@@ -308,7 +321,9 @@ def test_shared_experts_are_pruned_like_dense_mlps(data, tmp_path, case):
         PruneNeuronsRequest(model=source, dataset=[data], output=out, method="wanda", **options)
     )
     first = 2 if options.get("last") else 0
-    config, provenance = check_removal(source, out, tmp_path, first=first)
+    config, provenance = check_removal(
+        source, out, tmp_path, ratio=options.get("ratio", 0.25), first=first
+    )
     shared = [u for u in provenance["removed_neurons"] if "shared_expert" in u]
     assert len(shared) == (1 if first else 2)
     if modules is None:
