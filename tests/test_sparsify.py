@@ -429,6 +429,11 @@ def test_prune_neurons_cli_json_and_refusals(models, data, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert [row["layer"] for row in summary["layers"]] == [1]
     assert summary["config_changes"]["model_file"] == "mlxfun_nonuniform.py"
+    # a model with per-module sizes already cannot get other ones on top
+    again = ["prune-neurons", "--model", str(tmp_path / "last"), "--dataset", str(data)]
+    assert main([*again, "--method", "magnitude", "-o", str(tmp_path / "again")]) == 1
+    assert "already has per-module sizes" in one_error_line(capsys)
+    assert not (tmp_path / "again").exists()
     assert main([*args, "--last", "0", "-o", str(tmp_path / "zero")]) == 1
     assert "--last must be at least 1" in one_error_line(capsys)
     assert not (tmp_path / "zero").exists()

@@ -218,8 +218,8 @@ def sizes_config(config: dict, modules: list[dict]) -> tuple[dict, str]:
     for every other module."""
     if is_nonuniform(config):
         raise MlxfunError(
-            "this model already has per-layer expert counts (mlxfun_nonuniform.py); giving its "
-            "modules their own sizes as well is not supported: prune every layer alike"
+            "this model already has per-layer expert counts or sizes (mlxfun_nonuniform.py); "
+            "giving its modules other sizes as well is not supported: start from its source model"
         )
     base = base_module(config)
     config = uniform_config(config, [], 0)

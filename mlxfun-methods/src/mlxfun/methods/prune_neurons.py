@@ -142,7 +142,9 @@ def size_overrides(config: dict, kind: str, size: int, kept: int) -> dict:
 
 
 def prune_neurons(request: PruneNeuronsRequest) -> dict:
-    from mlxfun.core import plugins
+    from mlx_lm.utils import save_config
+    from mlxfun.core import nonuniform, plugins
+    from mlxfun.core.config import read_config
     from mlxfun.core.models import load_model
     from mlxfun.core.outputs import atomic_output_dir, check_output
     from mlxfun.core.runner import all_decoder_layers
@@ -161,6 +163,13 @@ def prune_neurons(request: PruneNeuronsRequest) -> dict:
     start = time.perf_counter()
     model, tokenizer, config = load_model(request.model)
     check_not_quantized(model)
+    if nonuniform.is_nonuniform(config) and any(
+        "config" in layer for layer in config["mlxfun"]["nonuniform"]["layers"]
+    ):
+        raise MlxfunError(
+            f"{request.model} already has per-module sizes (mlxfun_nonuniform.py, written by "
+            "prune-neurons); pruning it again is not supported: start from its source model"
+        )
     path, layers = all_decoder_layers(model)
     if not layers:
         raise MlxfunError(f"{type(model).__name__}: found no list of decoder layers")
@@ -225,21 +234,16 @@ def prune_neurons(request: PruneNeuronsRequest) -> dict:
         "removed_neurons": removed,
         "versions": versions(),
     }
-    from mlx_lm.utils import save_config
-    from mlxfun.core.config import read_config
-
     with atomic_output_dir(request.output, force=request.force, inputs=inputs) as tmp:
         write_model(tmp, model, request.model, config=uniform or config, provenance=provenance)
         if uniform is None or not _builds(tmp):
-            from mlxfun.core import nonuniform
-
             new_config, source = nonuniform.sizes_config(config, sizes)
             save_config(new_config, tmp / "config.json")
             (tmp / nonuniform.MODEL_FILE).write_text(source)
             if not _builds(tmp):
                 raise MlxfunError(
-                    f"the pruned model does not load with the sizes {sizes}; this architecture "
-                    "sizes its modules in a way prune-neurons does not know: not supported"
+                    "the pruned model does not build with its modules' new sizes; this "
+                    "architecture sizes them in a way prune-neurons does not know: not supported"
                 )
         changes = _changes(config, read_config(tmp))
         bytes_after = _weight_bytes(tmp)
