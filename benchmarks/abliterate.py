@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "demo" / "data"
 
 
-def mlxfun(*args):
+def mlxfun(*args, reuse=None):
+    if reuse is not None and (reuse / "mlxfun.json").is_file():
+        return 0.0
     cmd = [sys.executable, "-m", "mlxfun.cli", *[str(a) for a in args]]
     print("$ mlxfun " + " ".join(str(a) for a in args), flush=True)
     start = time.perf_counter()
@@ -103,6 +105,9 @@ def main():
     parser.add_argument("--eval-prompts", type=int, default=16)
     parser.add_argument("--data", type=Path, default=DATA, help="folder of the prompt sets")
     parser.add_argument("--limit", type=int, default=None, help="first N eval prompts only")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep the edited models already in --work"
+    )
     opts = parser.parse_args()
     data = opts.data
     work = opts.work
@@ -115,17 +120,18 @@ def main():
     seconds["auto"] = mlxfun(
         "abliterate", "--model", opts.model, "-o", full, "--force",
         "--eval-prompts", opts.eval_prompts, "--harmful", data / "harmful_calib.jsonl",
-        "--harmless", data / "harmless_calib.jsonl",
+        "--harmless", data / "harmless_calib.jsonl", reuse=full if opts.reuse else None,
     )  # fmt: skip
     direction = full / "refusal_direction.npy"
     seconds["skip"] = mlxfun(
         "abliterate", "--model", opts.model, "--direction", direction, "--skip-experts",
-        "-o", skip, "--force",
+        "-o", skip, "--force", reuse=skip if opts.reuse else None,
     )  # fmt: skip
     quantize(opts.model, q4)
     seconds["q4"] = mlxfun(
-        "abliterate", "--model", q4, "--direction", direction, "-o", q4_full, "--force"
-    )
+        "abliterate", "--model", q4, "--direction", direction, "-o", q4_full, "--force",
+        reuse=q4_full if opts.reuse else None,
+    )  # fmt: skip
     record = json.loads((full / "mlxfun.json").read_text())
     q4_record = json.loads((q4_full / "mlxfun.json").read_text())
     print("\ncandidates (held-out calib prompts):")

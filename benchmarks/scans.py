@@ -3,7 +3,8 @@
 1. Chat model (demo/chat-model, when present): `safety-scan` on harmful_calib vs harmless_calib;
    then disable (mask out of routing) the N experts per layer it ranks highest (N = 1, 2, 4;
    and model-wide, the same totals as N = 1 and 2 per layer), N random experts (mean and spread
-   over 10 seeds) and the N least-used experts, and measure the refusal rate on held-out
+   over 10 seeds), the N least-used experts and (per layer) the N it ranks lowest, which the
+   other set prefers ("scan-reversed"), and measure the refusal rate on held-out
    harmful prompts (mlxfun.methods.refusal.refusal_rate, greedy) and the perplexity of the
    held-out harmless answers given their prompts.
 2. Demo model (demo/model): `domain-scan` on calib_code vs calib_prose; disable the N code
@@ -157,20 +158,22 @@ def rankings(report: dict, part: str, group_sets) -> tuple:
     return np.argsort(-score, axis=1, kind="stable"), score, least, use
 
 
-def configurations(report, part, sets, seeds: int):
+def configurations(report, part, sets, seeds: int, per_layer_n=(1, 2, 4), wide=(1, 2)):
     """(label, N, kind, disabled map) for every configuration."""
     num_experts = report["num_experts"]
     layers = len(num_experts)
     order, score, least, use = rankings(report, part, sets)
     configs = [("none", 0, "baseline", {})]
-    for n in (1, 2, 4):
+    for n in per_layer_n:
         configs.append((f"{n}/layer", n, "scan", per_layer(order, n, num_experts)))
+        reverse = per_layer(order[:, ::-1], n, num_experts)  # preferred by the other set
+        configs.append((f"{n}/layer", n, "scan-reversed", reverse))
         configs.append((f"{n}/layer", n, "least-used", per_layer(least, n, num_experts)))
         for seed in range(seeds):
             rng = np.random.default_rng(seed)
             perm = np.stack([rng.permutation(max(num_experts)) for _ in range(layers)])
             configs.append((f"{n}/layer", n, f"random:{seed}", per_layer(perm, n, num_experts)))
-    for per in (1, 2):
+    for per in wide:
         n = per * layers
         label = f"{n} model-wide"
         configs.append((label, n, "scan", model_wide(score, n, num_experts)))
@@ -200,7 +203,7 @@ def summarise(results: list[dict], metrics: list[str]) -> list[dict]:
             )
         rows.append(row)
     order = {s: i for i, s in enumerate(dict.fromkeys(r["setting"] for r in results))}
-    kinds = {"baseline": 0, "scan": 1, "least-used": 3}
+    kinds = {"baseline": 0, "scan": 1, "scan-reversed": 1.5, "least-used": 3}
     rows.sort(key=lambda r: (order[r["setting"]], kinds.get(r["kind"], 2)))
     return rows
 
@@ -243,7 +246,9 @@ def chat_benchmark(args) -> None:
     print(f"\nsafety-scan: {report['sets']}, selected {groups}, {scanned:.0f} s")
     for part in args.parts:
         results = []
-        configs = configurations(report, part, SAFETY.sets, args.seeds)
+        configs = configurations(
+            report, part, SAFETY.sets, args.seeds, args.per_layer, args.model_wide
+        )
         for setting, _n, kind, disabled in tqdm(configs, desc=part):
             set_disabled(layers, disabled)
             check_masked(model, adapter, layers, disabled, harmless[0].ids)
@@ -285,7 +290,9 @@ def domain_benchmark(args) -> None:
         for d in ("code", "prose")
     }
     results = []
-    configs = configurations(report, "prompt", DOMAIN.sets, args.seeds)
+    configs = configurations(
+        report, "prompt", DOMAIN.sets, args.seeds, args.per_layer, args.model_wide
+    )
     for setting, _n, kind, disabled in tqdm(configs, desc="domain"):
         set_disabled(layers, disabled)
         check_masked(model, adapter, layers, disabled, evals["code"][0].tolist())
@@ -315,7 +322,13 @@ def main():
     parser.add_argument(
         "--parts", default="response,prompt", help="chat: rankings by these parts' scores"
     )
+    parser.add_argument("--per-layer", default="1,2,4", help="N experts disabled per layer")
+    parser.add_argument(
+        "--model-wide", default="1,2", help="model-wide totals, in multiples of the layer count"
+    )
     args = parser.parse_args()
+    args.per_layer = [int(n) for n in args.per_layer.split(",") if n]
+    args.model_wide = [int(n) for n in args.model_wide.split(",") if n]
     args.parts = args.parts.split(",")
     print(f"{platform.platform()}, mlx {mx.__version__}")
     if args.part in ("chat", "both"):

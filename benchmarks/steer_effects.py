@@ -14,7 +14,8 @@
 and with the same number of random experts per layer (``--seeds`` seeds, not in the group)
 under the same spec. ``safety``: greedy refusal rate (``mlxfun.methods.refusal``) on
 demo/data/harmful_eval.jsonl (and harmless_eval.jsonl, for over-refusal) of the plain model,
-with the group masked and with random experts masked. Everything seeded.
+with the group masked or forced, and with as many random experts per layer masked or forced.
+Everything seeded.
 """
 
 import argparse
@@ -34,7 +35,17 @@ from mlxfun.methods.steer import adapter_of, ranked_group, steering
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def group_layers(report: dict, group: str, top: int | None) -> dict[int, list[int]]:
+def group_layers(
+    report: dict, group: str, top: int | None, per_layer: int | None = None
+) -> dict[int, list[int]]:
+    """The group's experts by layer (its first ``top``), or with ``per_layer`` the N experts of
+    each layer with the highest risk difference in the group's part (beyond the group)."""
+    if per_layer:
+        part = report["parts"][report["groups"][group]["part"]]["risk_difference"]
+        return {
+            layer: sorted(int(e) for e in np.argsort(-np.asarray(row), kind="stable")[:per_layer])
+            for layer, row in zip(report["moe_layers"], part)
+        }
     pairs = ranked_group(report, group)[:top] if top else ranked_group(report, group)
     layers: dict[int, list[int]] = {}
     for layer, expert in pairs:
@@ -72,7 +83,7 @@ def domain(args):
     adapter = adapter_of(model, config)
     counts = {layer.index: layer.num_experts for layer in adapter.moe_layers(model)}
     report = json.loads(Path(args.report).read_text())
-    group = group_layers(report, args.group, args.top)
+    group = group_layers(report, args.group, args.top, args.per_layer)
     data = {
         name: _eval_sequences(
             load_samples([ROOT / f"demo/data/eval_{name}.jsonl"], args.samples, seed=0),
@@ -132,7 +143,7 @@ def safety(args):
     adapter = adapter_of(model, config)
     counts = {layer.index: layer.num_experts for layer in adapter.moe_layers(model)}
     report = json.loads(Path(args.report).read_text())
-    group = group_layers(report, args.group, args.top)
+    group = group_layers(report, args.group, args.top, args.per_layer)
 
     def prompts(name):
         lines = (ROOT / f"demo/data/{name}.jsonl").read_text().splitlines()
@@ -158,11 +169,12 @@ def safety(args):
     print(f"{'condition':<22} {'harmful refused':>16} {'harmless refused':>17}")
     plain = rates(None)
     print(f"{'plain':<22} {plain['harmful']:16.3f} {plain['harmless']:17.3f}")
-    got = rates(spec(group, "mask"))
-    print(f"{'mask group':<22} {got['harmful']:16.3f} {got['harmless']:17.3f}")
-    for seed in range(args.seeds):
-        r = rates(spec(random_like(group, counts, seed), "mask"))
-        print(f"{f'mask random {seed}':<22} {r['harmful']:16.3f} {r['harmless']:17.3f}")
+    for mode in args.modes.split(","):
+        got = rates(spec(group, mode))
+        print(f"{mode + ' group':<22} {got['harmful']:16.3f} {got['harmless']:17.3f}")
+        for seed in range(args.seeds):
+            r = rates(spec(random_like(group, counts, seed), mode))
+            print(f"{f'{mode} random {seed}':<22} {r['harmful']:16.3f} {r['harmless']:17.3f}")
 
 
 def main():
@@ -172,6 +184,10 @@ def main():
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--group", default=None)
     parser.add_argument("--top", type=int, default=None, help="the group's first N experts")
+    parser.add_argument(
+        "--per-layer", type=int, default=None, help="N highest risk-difference experts per layer"
+    )
+    parser.add_argument("--modes", default="mask,force", help="safety: mask, force or both")
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)

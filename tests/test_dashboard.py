@@ -130,7 +130,7 @@ def test_model_wide_n8_highlights_8_cells_and_the_command_prunes_them(page, setu
         for i in range(8)
     )
     assert page.locator("#impact tbody tr").count() == 4
-    _shot(page, "dashboard-model-wide.png")
+    _shot(page, "tiny-model-wide.png")
     command = shlex.split(page.locator("#command").text_content())
     assert command[:2] == ["mlxfun", "prune"] and "--selector" in command
     out = tmp_path / "pruned"
@@ -149,7 +149,7 @@ def test_a_chat_message_gets_an_answer(page, setup):
     answer = page.locator(".answer[data-kind]").first.text_content()
     assert answer.startswith("answer") and len(answer) > len("answer")
     assert page.locator("#chat-heatmap rect.cell").count() == 4 * 16
-    _shot(page, "dashboard-chat.png")
+    _shot(page, "tiny-chat.png")
 
 
 def test_compare_rank_merges_two_files(page, setup):
@@ -181,12 +181,6 @@ def test_prune_job_from_the_dashboard_shows_progress_to_done(page, setup):
     )
     assert (workdir / "dash-pruned" / "mlxfun.json").is_file()
     _shot(page, "dashboard-jobs.png")
-
-
-def test_heatmap_screenshot(page, setup):
-    _load_file(page, setup[2])
-    page.select_option("#scorer", "reap")
-    _shot(page, "dashboard-heatmap.png")
 
 
 def test_toggling_a_mask_changes_the_routing_counters(page, setup):
@@ -222,7 +216,7 @@ def test_toggling_a_mask_changes_the_routing_counters(page, setup):
     page.locator(".answer[data-kind]").evaluate_all("els => els.forEach(e => e.remove())")
     page.click("#chat-send")
     page.wait_for_selector('.answer[data-kind="unsteered"]')
-    _shot(page, "dashboard-steering.png")
+    _shot(page, "tiny-steering.png")
     page.uncheck("#chat-compare")
     page.click("#steer-clear")
     page.wait_for_function("document.querySelector('#message').textContent === 'steering cleared'")

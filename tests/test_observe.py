@@ -78,3 +78,27 @@ def test_bf16_experts_run_in_float32_on_cpu(tmp_path, capsys, monkeypatch):
     out = model(tokens())
     assert not mx.isnan(out).any().item()
     assert isinstance(model.model.layers[0].mlp.gate, nn.Linear)
+
+
+def test_several_forwards_scored_in_one_finish_equal_one_by_one(model):
+    """``concat_pending`` + ``finish`` (what ``mlxfun serve`` does every 64 tokens) gives, token
+    for token, the observations of each forward on its own."""
+    adapter = plugins.get_adapter("qwen3_moe")
+    needs = {"selected", "weights", "norms", "logits", "outputs"}
+    rng = np.random.default_rng(1)
+    batches = [mx.array(rng.integers(0, 256, shape)) for shape in ((1, 7), (1, 1), (2, 3))]
+    with Observer(model, adapter, needs) as observer:
+        one_by_one = []
+        for batch in batches:
+            model(batch)
+            one_by_one.append(observer.observations())
+        pending = []
+        for batch in batches:
+            model(batch)
+            pending.append(observer.pending())
+        together = observer.finish(observer.concat_pending(pending))
+    for position, layer in enumerate(together):
+        assert layer.num_tokens == 7 + 1 + 6
+        for field in ("selected", "weights", "norms", "logits", "outputs"):
+            expected = np.concatenate([getattr(obs[position], field) for obs in one_by_one])
+            np.testing.assert_array_equal(getattr(layer, field), expected)

@@ -216,8 +216,8 @@ async function runJob(kind) {
     const body = { ...selectionBody(), output: $("#job-output").value };
     if (kind === "merge") body.dataset = $("#job-dataset").value;
     const job = await api("POST", `/v1/mlxfun/${kind}`, body);
-    say(`${job.id} queued`, true);
     showTab("jobs");
+    say(`${job.id} queued`, true);
   } catch (e) { say(e.message); }
 }
 
@@ -419,6 +419,7 @@ function steerReportGroup() {
 function showTab(name) {
   $$("nav button").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
   $$(".tab").forEach((t) => t.classList.toggle("active", t.id === "tab-" + name));
+  say("");
   if (name === "jobs") refreshJobs();
 }
 
