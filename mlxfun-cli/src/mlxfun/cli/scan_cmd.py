@@ -18,7 +18,6 @@ def _default(name: str) -> Path | None:
 def _run(
     kind_name,
     model,
-    sets,
     output,
     response_tokens,
     max_tokens,
@@ -31,18 +30,21 @@ def _run(
     no_chat,
     json_output,
     plot,
+    **sets,
 ):
+    """Run one scan from a command's options; ``sets`` holds the two prompt files by set name."""
     from mlxfun.core.errors import MlxfunError
     from mlxfun.methods.scan import KINDS, ScanRequest, scan
 
     kind = KINDS[kind_name]
+    sets = tuple(sets[name] for name in kind.sets)
     for name, path in zip(kind.sets, sets):
         if path is None:
             raise MlxfunError(f"pass --{name} (a JSONL file of prompts)")
     request = ScanRequest(
         kind=kind,
         model=model,
-        sets=tuple(sets),
+        sets=sets,
         output=output,
         response_tokens=response_tokens,
         max_tokens=max_tokens,
@@ -195,6 +197,9 @@ COMMON = dict(
     threshold=(0.8, "--threshold", "Selected when in the top in this share of resamples."),
     seed=(0, "--seed", "Seed of the bootstrap and the subsample."),
     batch_size=(8, "--batch-size", "Sequences per forward pass."),
+    no_chat=(False, "--no-chat", "Plain prompts without the chat template."),
+    json_output=(False, "--json", "Print the report as JSON."),
+    plot=(None, "--plot", "Write a risk-difference heatmap PNG."),
 )
 
 
@@ -228,30 +233,12 @@ def register(app: typer.Typer) -> None:
         threshold: float = _opt("threshold"),
         seed: int = _opt("seed"),
         batch_size: int = _opt("batch_size"),
-        no_chat: bool = typer.Option(
-            False, "--no-chat", help="Plain prompts without the chat template."
-        ),
-        json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-        plot: Path = typer.Option(None, "--plot", help="Write a risk-difference heatmap PNG."),
+        no_chat: bool = _opt("no_chat"),
+        json_output: bool = _opt("json_output"),
+        plot: Path = _opt("plot"),
     ):
         """Safety experts (SAFEx): detection (harmful prompt tokens) and control (responses)."""
-        _run(
-            "safety-scan",
-            model,
-            (harmful, harmless),
-            output,
-            response_tokens,
-            max_tokens,
-            max_samples,
-            resamples,
-            top,
-            threshold,
-            seed,
-            batch_size,
-            no_chat,
-            json_output,
-            plot,
-        )
+        _run("safety-scan", **locals())
 
     @app.command("domain-scan")
     def domain_scan(
@@ -267,27 +254,9 @@ def register(app: typer.Typer) -> None:
         threshold: float = _opt("threshold"),
         seed: int = _opt("seed"),
         batch_size: int = _opt("batch_size"),
-        no_chat: bool = typer.Option(
-            False, "--no-chat", help="Plain prompts without the chat template."
-        ),
-        json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-        plot: Path = typer.Option(None, "--plot", help="Write a risk-difference heatmap PNG."),
+        no_chat: bool = _opt("no_chat"),
+        json_output: bool = _opt("json_output"),
+        plot: Path = _opt("plot"),
     ):
         """Domain experts: domain_prompt (domain text) and domain_response (its continuations)."""
-        _run(
-            "domain-scan",
-            model,
-            (domain, general),
-            output,
-            response_tokens,
-            max_tokens,
-            max_samples,
-            resamples,
-            top,
-            threshold,
-            seed,
-            batch_size,
-            no_chat,
-            json_output,
-            plot,
-        )
+        _run("domain-scan", **locals())
