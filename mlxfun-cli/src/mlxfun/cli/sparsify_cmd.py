@@ -11,16 +11,42 @@ METHOD_HELP = (
     "neuronrank_fisher, or a plugin's."
 )
 
+# The options prune-neurons shares with this command: name -> (default, flags, help).
+OPTIONS = dict(
+    model=(..., ("--model",), "mlx-lm model directory (not modified)."),
+    dataset=(None, ("--dataset",), "Calibration text: JSONL, text file or directory; repeatable."),
+    output=(None, ("--output", "-o"), "Directory to write."),
+    method=("wanda", ("--method",), METHOD_HELP),
+    last=(None, ("--last",), "Only the last N decoder layers."),
+    topics=(16, ("--topics",), "Topic clusters (--tfidf-mode topic)."),
+    max_tokens=(256, ("--max-tokens",), "Tokens per calibration sample."),
+    max_samples=(64, ("--max-samples",), "Seeded random subsample of the samples."),
+    batch_size=(4, ("--batch-size",), "Samples per forward pass."),
+    seed=(0, ("--seed",), "Seed for subsampling and topic clustering."),
+    force=(False, ("--force",), "Replace an existing --output."),
+    json_output=(False, ("--json",), "Print the summary as JSON."),
+)
+
+
+def option(name: str):
+    default, flags, help_text = OPTIONS[name]
+    return typer.Option(default, *flags, help=help_text)
+
+
+def build_request(request_class, options: dict, **extra):
+    """The request from a command's options (its parameters, by name), less ``json_output``."""
+    fields = {name: value for name, value in options.items() if name != "json_output"}
+    fields["dataset"] = list(fields["dataset"] or [])
+    return request_class(**fields, **extra)
+
 
 def register(app: typer.Typer) -> None:
     @app.command("sparsify")
     def sparsify(
-        model: Path = typer.Option(..., "--model", help="mlx-lm model directory (not modified)."),
-        dataset: list[Path] = typer.Option(
-            None, "--dataset", help="Calibration text: JSONL, text file or directory; repeatable."
-        ),
-        output: Path = typer.Option(None, "--output", "-o", help="Directory to write."),
-        method: str = typer.Option("wanda", "--method", help=METHOD_HELP),
+        model: Path = option("model"),
+        dataset: list[Path] = option("dataset"),
+        output: Path = option("output"),
+        method: str = option("method"),
         sparsity: float = typer.Option(
             0.5, "--sparsity", help="Share of every output row's weights to zero (unstructured)."
         ),
@@ -35,7 +61,7 @@ def register(app: typer.Typer) -> None:
         lm_head: bool = typer.Option(
             False, "--lm-head", help="Also prune the LM head (by magnitude; not tied heads)."
         ),
-        last: int = typer.Option(None, "--last", help="Only the last N decoder layers."),
+        last: int = option("last"),
         experts: bool = typer.Option(
             True, "--experts/--no-experts", help="Prune the stacked experts' projections."
         ),
@@ -47,50 +73,25 @@ def register(app: typer.Typer) -> None:
         tfidf_mode: str = typer.Option(
             "doc", "--tfidf-mode", help="neuronrank_tfidf documents: doc (samples) or topic."
         ),
-        topics: int = typer.Option(16, "--topics", help="Topic clusters (--tfidf-mode topic)."),
+        topics: int = option("topics"),
         classes: int = typer.Option(
             32, "--classes", help="Token classes for neuronrank_fisher (most frequent ids)."
         ),
         weight_exp: float = typer.Option(1.0, "--weight-exp", help="neuronrank_tfidf: |W|^a."),
         tf_exp: float = typer.Option(1.0, "--tf-exp", help="neuronrank_tfidf: tf^b."),
         idf_exp: float = typer.Option(1.5, "--idf-exp", help="neuronrank_tfidf: idf^g."),
-        max_tokens: int = typer.Option(256, "--max-tokens", help="Tokens per calibration sample."),
-        max_samples: int = typer.Option(
-            64, "--max-samples", help="Seeded random subsample of the samples."
-        ),
-        batch_size: int = typer.Option(4, "--batch-size", help="Samples per forward pass."),
-        seed: int = typer.Option(0, "--seed", help="Seed for subsampling and topic clustering."),
-        force: bool = typer.Option(False, "--force", help="Replace an existing --output."),
-        json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+        max_tokens: int = option("max_tokens"),
+        max_samples: int = option("max_samples"),
+        batch_size: int = option("batch_size"),
+        seed: int = option("seed"),
+        force: bool = option("force"),
+        json_output: bool = option("json_output"),
     ):
         """Zero the lowest-scored weights of every row (Wanda, NeuronRank; no memory saved)."""
+        options = dict(locals())
         from mlxfun.methods.sparsify import SparsifyRequest, sparsify
 
-        request = SparsifyRequest(
-            model=model,
-            dataset=list(dataset or []),
-            output=output,
-            method=method,
-            sparsity=sparsity,
-            pattern=pattern,
-            attention=attention,
-            lm_head=lm_head,
-            last=last,
-            experts=experts,
-            sequential=sequential,
-            tfidf_mode=tfidf_mode,
-            topics=topics,
-            classes=classes,
-            weight_exp=weight_exp,
-            tf_exp=tf_exp,
-            idf_exp=idf_exp,
-            max_tokens=max_tokens,
-            max_samples=max_samples,
-            batch_size=batch_size,
-            seed=seed,
-            force=force,
-            progress=not json_output,
-        )
+        request = build_request(SparsifyRequest, options, progress=not json_output)
         summary = sparsify(request)
         if json_output:
             print_json(summary)
