@@ -5,7 +5,7 @@ from pathlib import Path
 import typer
 
 from .output import print_json, print_table
-from .prune_cmd import MODEL_FILE_HELP, model_file_hint, saving_line
+from .prune_cmd import MODEL_FILE_HELP, model_file_hint, option, saving_line
 
 
 def register(app: typer.Typer) -> None:
@@ -40,18 +40,9 @@ def register(app: typer.Typer) -> None:
         target: list[str] = typer.Option(
             None, "--target", help="Never a centroid (counts towards --n); same forms."
         ),
-        protect_from: list[str] = typer.Option(
-            None,
-            "--protect-from",
-            help="Also protect the experts of a scan report: REPORT.json[:GROUP] (default: "
-            "every group; checked against this model); repeatable.",
-        ),
-        target_from: list[str] = typer.Option(
-            None, "--target-from", help="Also target a scan report's experts; as --protect-from."
-        ),
-        min_keep: int = typer.Option(
-            None, "--min-keep", help="Experts every layer keeps at least (default: top-k)."
-        ),
+        protect_from: list[str] = option("protect_from"),
+        target_from: list[str] = option("target_from"),
+        min_keep: int = option("min_keep"),
         normalize: str = typer.Option(
             "none", "--normalize", help="model-wide: none, mean or max (as in prune)."
         ),

@@ -15,6 +15,23 @@ def _size(nbytes: int) -> str:
     return str(nbytes)
 
 
+# The options merge shares with this command: name -> (flag, help); all default to None.
+OPTIONS = dict(
+    protect_from=(
+        "--protect-from",
+        "Also protect the experts of a scan report: REPORT.json[:GROUP] (default: "
+        "every group; checked against this model); repeatable.",
+    ),
+    target_from=("--target-from", "Also target a scan report's experts; as --protect-from."),
+    min_keep=("--min-keep", "Experts every layer keeps at least (default: top-k)."),
+)
+
+
+def option(name: str):
+    flag, help_text = OPTIONS[name]
+    return typer.Option(None, flag, help=help_text)
+
+
 NONUNIFORM_HINT = (
     "load it with mlx_lm.load(path, trust_remote_code=True) or "
     "mlx_lm.generate --trust-remote-code; mlxfun loads it as it is"
@@ -77,18 +94,9 @@ def register(app: typer.Typer) -> None:
         target: list[str] = typer.Option(
             None, "--target", help="Always remove (counts towards --n); same forms as --protect."
         ),
-        protect_from: list[str] = typer.Option(
-            None,
-            "--protect-from",
-            help="Also protect the experts of a scan report: REPORT.json[:GROUP] (default: "
-            "every group; checked against this model); repeatable.",
-        ),
-        target_from: list[str] = typer.Option(
-            None, "--target-from", help="Also target a scan report's experts; as --protect-from."
-        ),
-        min_keep: int = typer.Option(
-            None, "--min-keep", help="Experts every layer keeps at least (default: top-k)."
-        ),
+        protect_from: list[str] = option("protect_from"),
+        target_from: list[str] = option("target_from"),
+        min_keep: int = option("min_keep"),
         normalize: str = typer.Option(
             "none",
             "--normalize",
