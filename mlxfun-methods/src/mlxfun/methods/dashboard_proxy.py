@@ -7,7 +7,7 @@ from urllib.parse import urlparse
 
 from mlxfun.core.errors import MlxfunError
 
-from .serve import DASHBOARD, STATIC
+from .serve import DASHBOARD, STATIC, serve_until_interrupted
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "host", "content-length"}
 
@@ -84,12 +84,4 @@ def build_proxy(server: str, port: int, api_key: str | None = None) -> Threading
 
 
 def run_proxy(server: str, port: int, api_key: str | None = None, on_ready=None) -> None:
-    httpd = build_proxy(server, port, api_key)
-    if on_ready is not None:
-        on_ready(httpd.server_address)
-    try:
-        httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        httpd.server_close()
+    serve_until_interrupted(build_proxy(server, port, api_key), on_ready)

@@ -430,8 +430,8 @@ def build_server(options: ServeOptions) -> tuple[ThreadingHTTPServer, ServerStat
     return httpd, state
 
 
-def serve(options: ServeOptions, on_ready=None) -> None:
-    httpd, state = build_server(options)
+def serve_until_interrupted(httpd, on_ready=None) -> None:
+    """Serve until Ctrl-C, then close the socket; ``on_ready`` gets the bound address first."""
     if on_ready is not None:
         on_ready(httpd.server_address)
     try:
@@ -440,4 +440,11 @@ def serve(options: ServeOptions, on_ready=None) -> None:
         pass
     finally:
         httpd.server_close()
+
+
+def serve(options: ServeOptions, on_ready=None) -> None:
+    httpd, state = build_server(options)
+    try:
+        serve_until_interrupted(httpd, on_ready)
+    finally:
         state.response_generator.stop_and_join()
