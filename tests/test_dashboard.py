@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from mlxfun.cli.app import main
+from mlxfun.core.testing import TINY_ARGS, save_tiny_checkpoint
 
-from .model_dirs import write_model_dir
 from .serve_helpers import KEY, Server
 
 sync_api = pytest.importorskip(
@@ -26,25 +26,7 @@ pytestmark = pytest.mark.skipif(
 )
 SCREENSHOTS = os.environ.get("MLXFUN_SCREENSHOTS")  # a folder: save the docs' screenshots
 
-MODEL = dict(
-    hidden_size=32,
-    num_hidden_layers=4,
-    intermediate_size=64,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    num_experts=16,
-    num_experts_per_tok=2,
-    moe_intermediate_size=16,
-    decoder_sparse_step=1,
-    mlp_only_layers=[],
-    norm_topk_prob=True,
-    rms_norm_eps=1e-6,
-    vocab_size=256,
-    rope_theta=10000.0,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-)
+MODEL = dict(TINY_ARGS, num_hidden_layers=4, num_experts=16, max_position_embeddings=256)
 TEXTS = [f"def f{i}(x):\n    return x * {i}\n" for i in range(6)] + [
     f"The {w} walked along the river." for w in "cat dog bird fox".split()
 ]
@@ -53,7 +35,7 @@ TEXTS = [f"def f{i}(x):\n    return x * {i}\n" for i in range(6)] + [
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dash")
-    model = write_model_dir(root / "model", "qwen3_moe", MODEL, seed=5)
+    model = save_tiny_checkpoint(root / "model", "qwen3_moe", MODEL, seed=5)
     data = root / "calib.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     stats = root / "code.npz"

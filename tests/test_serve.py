@@ -7,35 +7,19 @@ import time
 import numpy as np
 import pytest
 from mlxfun.cli.app import main
+from mlxfun.core.testing import TINY_ARGS, save_tiny_checkpoint
 
-from .model_dirs import write_model_dir
 from .serve_helpers import Server
 
-QWEN = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    intermediate_size=64,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    num_experts=8,
-    num_experts_per_tok=2,
-    moe_intermediate_size=16,
-    decoder_sparse_step=1,
-    mlp_only_layers=[],
-    norm_topk_prob=True,
-    rms_norm_eps=1e-6,
-    vocab_size=256,
-    rope_theta=10000.0,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-)
+QWEN = dict(TINY_ARGS, max_position_embeddings=256)
 PROMPTS = ["def add(a, b):", "The cat sat on", "import numpy as np\n", "Hello there"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return write_model_dir(tmp_path_factory.mktemp("serve") / "model", "qwen3_moe", QWEN, seed=3)
+    return save_tiny_checkpoint(
+        tmp_path_factory.mktemp("serve") / "model", "qwen3_moe", QWEN, seed=3
+    )
 
 
 @pytest.fixture(scope="module")
