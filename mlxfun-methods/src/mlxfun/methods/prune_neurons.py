@@ -24,8 +24,8 @@ import attrs
 import numpy as np
 from mlxfun.core.errors import MlxfunError
 
-from .linear_inputs import check_not_quantized, layer_targets, run_layers
-from .sparsify import SparsifyRequest, load_calibration, versions, write_model
+from .linear_inputs import check_not_quantized, layer_targets
+from .sparsify import SparsifyRequest, calibrate, versions, write_model
 
 UP = ("gate_proj", "up_proj", "fc1", "w1", "w3")
 DOWN = ("down_proj", "fc2", "w2")
@@ -206,15 +206,7 @@ def prune_neurons(request: PruneNeuronsRequest) -> dict:
 
     calibration = None
     if scorer.stats:
-        calibration = load_calibration(request, tokenizer)
-        run_layers(
-            model,
-            calibration,
-            targets_of,
-            on_layer,
-            options=request.stat_options(),
-            sequential=request.sequential,
-        )
+        calibration = calibrate(model, request, tokenizer, targets_of, on_layer)
     else:
         for index in units_of:
             on_layer(index, [], {})

@@ -121,6 +121,22 @@ def load_calibration(request, tokenizer) -> Calibration:
     return Calibration.build(batches(sequences, request.batch_size), classes=request.classes)
 
 
+def calibrate(model, request, tokenizer, targets_of, on_layer, progress=None) -> Calibration:
+    """Load the request's calibration set and run it through the decoder layers (``run_layers``),
+    handing each layer's statistics to ``on_layer``; returns the calibration set."""
+    calibration = load_calibration(request, tokenizer)
+    run_layers(
+        model,
+        calibration,
+        targets_of,
+        on_layer,
+        options=request.stat_options(),
+        sequential=request.sequential,
+        progress=progress,
+    )
+    return calibration
+
+
 def _check_inputs(target, nm) -> None:
     inputs = target.module.weight.shape[-1]
     if nm is not None and inputs % nm[1]:
@@ -199,18 +215,9 @@ def sparsify(request: SparsifyRequest) -> dict:
 
     calibration = None
     if scorer.stats:
-        calibration = load_calibration(request, tokenizer)
         bar = _Progress(layers if request.progress else 0)
         try:
-            run_layers(
-                model,
-                calibration,
-                targets_of,
-                on_layer,
-                options=request.stat_options(),
-                sequential=request.sequential,
-                progress=bar.step,
-            )
+            calibration = calibrate(model, request, tokenizer, targets_of, on_layer, bar.step)
         finally:
             bar.close()
     else:  # magnitude: no calibration forward
