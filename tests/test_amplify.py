@@ -3,7 +3,8 @@ mlxfun imported), the logits of run-time steering with the same spec, on router 
 take the bias in each place: the correction bias (DeepSeek-V3 grouped sigmoid, MiniMax sigmoid,
 LongCat softmax + zero experts), an existing router Linear bias (gpt_oss; LongCat's classifier
 for a masked expert's softmax share) and a model file for
-routers without one (Qwen3-MoE, float32 and 4-bit, and Mixtral)."""
+routers without one (Qwen3-MoE, float32 and 4-bit, and Mixtral) and for raw-array gates without
+a correction bias (DeepSeek-V1 softmax, DeepSeek-V2 group-limited, float32 and 4-bit)."""
 
 import json
 import subprocess
@@ -17,6 +18,7 @@ from mlxfun.cli.app import main
 from mlxfun.core import plugins
 from mlxfun.core.errors import MlxfunError
 from mlxfun.core.models import load_model
+from mlxfun.core.observe import Observer
 from mlxfun.core.testing import check_intervention
 from mlxfun.methods.amplify import amplify
 from mlxfun.methods.interventions import AmplifyIntervention
@@ -42,6 +44,10 @@ CASES = [
     ("deepseek_v3-4bit", "deepseek_v3", BIASED["deepseek_v3"], 4, False),
     ("minimax", "minimax", softmax.MINIMAX, None, False),
     ("longcat_flash", "longcat_flash", LONGCAT["longcat_flash"], None, False),
+    ("deepseek", "deepseek", softmax.DEEPSEEK, None, True),
+    ("deepseek-4bit", "deepseek", softmax.DEEPSEEK, 4, True),
+    ("deepseek_v2", "deepseek_v2", BIASED["deepseek_v2"], None, True),
+    ("deepseek_v2-4bit", "deepseek_v2", BIASED["deepseek_v2"], 4, True),
 ]
 
 SPEC = {
@@ -114,15 +120,33 @@ def test_the_amplify_intervention_equals_steering(tmp_path):
     assert plugins.get_intervention("amplify").name == "amplify"
 
 
-def test_amplify_refusals_are_one_line(tmp_path, capsys):
-    source, _ = write_dir(tmp_path / "model", "deepseek", biased_deepseek_args())
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps(SPEC))
-    code = main(["amplify", "--model", str(source), "--spec", str(spec), "-o", str(tmp_path / "o")])
-    err = capsys.readouterr().err.strip()
-    assert code not in (0, None) and "raw weight array" in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "o").exists()
+def test_amplified_gates_route_where_steering_does(tmp_path):
+    """DeepSeek-V2 group-limited: the in-memory amplify intervention (the model file's biased
+    gate) equals steering, the gate's bias sits in the checkpoint's config as a gate, and the
+    adapter's routing of the amplified model is the block's (the observer checks it)."""
+    args, _ = grouped_args("deepseek_v2", BIASED["deepseek_v2"])
+    source, adapter = write_dir(tmp_path / "model", "deepseek_v2", args)
+    model, _ = mlx_lm_load(str(source))
+    with steering(model, SPEC, adapter=adapter):
+        steered = model(TOKENS)
+    assert AmplifyIntervention().apply(model, adapter, spec=SPEC) is None
+    np.testing.assert_array_equal(np.array(model(TOKENS)), np.array(steered))
+    with Observer(model, adapter, {"selected"}) as observer:
+        mx.eval(model(TOKENS))
+        selected = [obs.selected for obs in observer.observations()]
+    assert all(not (s == 1).any() for s in selected)
+    assert all((s == 2).any(axis=-1).all() for s in selected)
 
+    out = tmp_path / "amplified"
+    amplify(source, dict(SPEC), out)
+    recorded = json.loads((out / "config.json").read_text())["mlxfun"]["router_bias"]
+    assert recorded["routers"] == [] and recorded["gates"] == [
+        f"model.layers.{layer.index}.mlp.gate" for layer in adapter.moe_layers(model)
+    ]
+
+
+def test_amplify_refusals_are_one_line(tmp_path, capsys):
+    spec = tmp_path / "spec.json"
     qwen, _ = write_dir(tmp_path / "qwen", "qwen3_moe", examples.QWEN3_MOE)
     spec.write_text(json.dumps({"rules": [{"layer": 0, "experts": [99], "mode": "mask"}]}))
     code = main(["amplify", "--model", str(qwen), "--spec", str(spec), "-o", str(tmp_path / "o")])
@@ -136,10 +160,6 @@ def test_amplify_refusals_are_one_line(tmp_path, capsys):
             dict(SPEC, fingerprint={"model_type": "qwen3_moe", "experts_per_layer": [3, 3]}),
             tmp_path / "o",
         )
-
-
-def biased_deepseek_args():
-    return softmax.DEEPSEEK
 
 
 def test_amplify_command_prints_the_edits(tmp_path, capsys):
