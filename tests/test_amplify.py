@@ -162,6 +162,41 @@ def test_amplify_refusals_are_one_line(tmp_path, capsys):
         )
 
 
+def test_amplify_and_pruning_compose_only_prune_first(tmp_path, capsys):
+    """Pruning would drop an amplified model's router biases (and its model file): refused in
+    one line; a uniformly pruned model amplifies (no model file) and a model-wide one, with its
+    model file, is refused by amplify."""
+    from .test_prune import write_stats
+
+    args, _ = grouped_args("deepseek_v2", BIASED["deepseek_v2"])
+    source, _ = write_dir(tmp_path / "model", "deepseek_v2", args)
+    stats = tmp_path / "stats.npz"
+    write_stats(source, stats)
+    amplified = tmp_path / "amplified"
+    amplify(source, dict(SPEC), amplified)
+    prune = ["prune", "--stats", str(stats), "--n", "4"]  # 4 groups: one expert from each
+    code = main([*prune, "--model", str(amplified), "-o", str(tmp_path / "p")])
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" not in line]
+    assert code not in (0, None) and len(err) == 1 and "was amplified" in err[0]
+    assert not (tmp_path / "p").exists()
+
+    pruned = tmp_path / "pruned"
+    assert main([*prune, "--model", str(source), "-o", str(pruned)]) in (0, None)
+    spec = {"rules": [{"layer": "all", "experts": [0], "mode": "mask"}]}
+    summary = amplify(pruned, spec, tmp_path / "pruned-amplified")
+    assert summary["model_file"] is not None and summary["edits"]
+
+    qwen, _ = write_dir(tmp_path / "qwen", "qwen3_moe", examples.QWEN3_MOE)
+    write_stats(qwen, stats, seed=1)
+    model_wide = tmp_path / "model-wide"
+    options = ["--selector", "model-wide", "--n", "2", "--target", "0:0,1"]
+    command = ["prune", "--stats", str(stats), "--model", str(qwen), "-o", str(model_wide)]
+    assert main([*command, *options]) in (0, None)
+    assert json.loads((model_wide / "config.json").read_text())["model_file"]
+    with pytest.raises(MlxfunError, match="has a model_file"):
+        amplify(model_wide, spec, tmp_path / "o")
+
+
 def test_amplify_command_prints_the_edits(tmp_path, capsys):
     source, _ = write_dir(tmp_path / "model", "qwen3_moe", examples.QWEN3_MOE)
     spec = tmp_path / "spec.json"

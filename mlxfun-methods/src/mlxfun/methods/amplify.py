@@ -147,8 +147,9 @@ def amplify(model_dir, spec, output, force: bool = False) -> dict:
     config = read_config(model_dir)
     if config.get("model_file") is not None:
         raise MlxfunError(
-            f"amplify: {model_dir} has a model_file ({config['model_file']}); amplify a model "
-            "that stock mlx-lm builds (before non-uniform pruning), then prune that"
+            f"amplify: {model_dir} has a model_file ({config['model_file']}), which amplify's "
+            "own model file cannot build on; amplify a model that stock mlx-lm builds (one "
+            "pruned uniformly, not model-wide) or steer this one at run time"
         )
     adapter = plugins.adapter_for_config(config)
     if adapter is None:
