@@ -3,7 +3,8 @@
 1. Chat model (demo/chat-model, when present): `safety-scan` on harmful_calib vs harmless_calib;
    then disable (mask out of routing) the N experts per layer it ranks highest (N = 1, 2, 4;
    and model-wide, the same totals as N = 1 and 2 per layer), N random experts (mean and spread
-   over 10 seeds) and the N least-used experts, and measure the refusal rate on held-out
+   over 10 seeds), the N least-used experts and (per layer) the N it ranks lowest, which the
+   other set prefers ("scan-reversed"), and measure the refusal rate on held-out
    harmful prompts (mlxfun.methods.refusal.refusal_rate, greedy) and the perplexity of the
    held-out harmless answers given their prompts.
 2. Demo model (demo/model): `domain-scan` on calib_code vs calib_prose; disable the N code
@@ -165,6 +166,8 @@ def configurations(report, part, sets, seeds: int, per_layer_n=(1, 2, 4), wide=(
     configs = [("none", 0, "baseline", {})]
     for n in per_layer_n:
         configs.append((f"{n}/layer", n, "scan", per_layer(order, n, num_experts)))
+        reverse = per_layer(order[:, ::-1], n, num_experts)  # preferred by the other set
+        configs.append((f"{n}/layer", n, "scan-reversed", reverse))
         configs.append((f"{n}/layer", n, "least-used", per_layer(least, n, num_experts)))
         for seed in range(seeds):
             rng = np.random.default_rng(seed)
@@ -200,7 +203,7 @@ def summarise(results: list[dict], metrics: list[str]) -> list[dict]:
             )
         rows.append(row)
     order = {s: i for i, s in enumerate(dict.fromkeys(r["setting"] for r in results))}
-    kinds = {"baseline": 0, "scan": 1, "least-used": 3}
+    kinds = {"baseline": 0, "scan": 1, "scan-reversed": 1.5, "least-used": 3}
     rows.sort(key=lambda r: (order[r["setting"]], kinds.get(r["kind"], 2)))
     return rows
 

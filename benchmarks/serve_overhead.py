@@ -11,10 +11,10 @@ two warm-up requests; the servers alternate in rounds so machine noise hits both
 slowdown is the median (and range) of the per-round ratios.
 Concurrency: ``--clients`` threads send completions for ``--duration`` seconds; requests/s and
 tokens/s. mlxfun serve runs with every installed scorer (its default), with ``--scorers
-frequency`` and with ``--no-stats`` (mlx-lm's sequential path without counting: what the
-counters cost on their own). Target: mlxfun serve at most 1.05x slower than stock single-stream. Note that stock
-mlx_lm.server batches concurrent requests (this model's caches can merge) and mlxfun serve
-serves them one at a time (batched prefill pads prompts, and padding would be counted).
+frequency`` and with ``--no-stats`` (the same serving without counting: what the
+counters cost on their own). Target: mlxfun serve at most 1.05x slower than stock
+single-stream. Both batch concurrent unsteered requests (mlx-lm's BatchGenerator, its default
+concurrency); mlxfun serve counts only the real tokens of a batch (the prompts' padding masked).
 """
 
 import argparse

@@ -252,9 +252,54 @@ def test_bad_requests_get_a_json_4xx(server, workdir):
     assert server.call("GET", "/health")[0] == 200
 
 
+def test_batched_concurrent_counts_equal_collect_on_each_request(server, loaded):
+    """Clients with prompts of different lengths at once: mlx-lm batches them (right-padded
+    prefill, rows finishing at different steps) and the counters skip the padding exactly."""
+    from mlxfun.core import plugins
+    from mlxfun.core.collect import collect_stats
+
+    model, tokenizer, config = loaded
+    prompts = [p * (i + 1) for i, p in enumerate(PROMPTS)] + ["x", "a b c d e f g h i j k l"]
+    max_tokens = [3, 9, 5, 12, 7, 4]
+    assert server.call("POST", "/v1/mlxfun/stats/reset", {})[0] == 200
+    answers = [None] * len(prompts)
+    barrier = threading.Barrier(len(prompts))
+
+    def client(i):
+        barrier.wait()
+        body = {"prompt": prompts[i], "max_tokens": max_tokens[i]}
+        answers[i] = server.call("POST", "/v1/completions", body)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sequences = []
+    for prompt, n, (status, body) in zip(prompts, max_tokens, answers):
+        assert status == 200, body
+        prompt_tokens = tokenizer.encode(prompt)
+        tokens, text = _generated(loaded, prompt_tokens, n)
+        assert body["choices"][0]["text"] == text
+        assert body["usage"]["completion_tokens"] == len(tokens)
+        sequences.append(prompt_tokens + tokens)
+    status, live = server.call("GET", "/v1/mlxfun/stats")
+    total = sum(len(s) for s in sequences)
+    # batched: fewer forwards than one prefill + one step per token of each request alone
+    assert live["forwards"] < sum(1 + n for n in max_tokens), live["forwards"]
+    adapter = plugins.adapter_for_config(config)
+    scorers = [plugins.get_scorer(n) for n in ("frequency", "reap", "ean_sum")]
+    collector, _ = collect_stats(model, adapter, sequences, scorers, progress=False)
+    expected = collector.scores()
+    assert live["token_counts"] == [total, total] and live["tokens"] == total
+    np.testing.assert_array_equal(np.array(live["scores"]["frequency"]), expected["frequency"])
+    for name in ("reap", "ean_sum"):
+        np.testing.assert_allclose(np.array(live["scores"][name]), expected[name], rtol=1e-4)
+
+
 def test_concurrent_clients_lose_no_counts(server):
     assert server.call("POST", "/v1/mlxfun/stats/reset", {})[0] == 200
-    served, errors = [], []
+    served, errors, steered = [], [], []
     lock = threading.Lock()
     stop = time.time() + 8
 
@@ -268,6 +313,9 @@ def test_concurrent_clients_lose_no_counts(server):
                 body.pop("prompt")
             else:
                 path = "/v1/completions"
+            if i == 0 and n % 2:  # steered requests run alone: the running batch drains first
+                body["mlxfun_steer"] = {"rules": [{"layer": 0, "experts": [0], "mode": "mask"}]}
+                steered.append(n)
             status, answer = server.call("POST", path, body)
             if n % 2:
                 server.call("GET", "/v1/mlxfun/stats?scorer=frequency")
@@ -284,7 +332,7 @@ def test_concurrent_clients_lose_no_counts(server):
         t.start()
     for t in threads:
         t.join()
-    assert not errors
+    assert not errors and steered
     status, live = server.call("GET", "/v1/mlxfun/stats")
     assert len(served) >= 16
     assert live["token_counts"] == [sum(served)] * 2

@@ -194,29 +194,22 @@ def logits(model, tokens):
     return np.array(model(mx.array(tokens)).astype(mx.float32))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
-def test_removing_neurons_equals_zeroing_them_and_loads_in_stock_mlx_lm(
-    models, data, tmp_path, model_type
-):
-    source, out = models[model_type], tmp_path / "out"
-    summary = prune_neurons(
-        PruneNeuronsRequest(model=source, dataset=[data], output=out, method="wanda", ratio=0.25)
-    )
+def check_removal(source, out, tmp_path, ratio=0.25, first=0):
+    """``out`` gives the logits of ``source`` with the removed neurons zeroed (their
+    down-projection columns), layers before ``first`` are byte for byte the source's, and stock
+    mlx-lm loads it in a subprocess (with trust_remote_code where it has a model file)."""
+    from mlxfun.core.adapter import get_path
+
     provenance = json.loads((out / "mlxfun.json").read_text())
     config = json.loads((out / "config.json").read_text())
-    key = "moe_intermediate_size" if model_type == "qwen3_moe" else "intermediate_size"
-    size = TINY_ARGS[key]
-    assert config[key] == size - size // 4
-    assert summary["bytes_after"] < summary["bytes_before"]
-    # the original with the removed neurons zeroed (their down-projection columns)
+    trust = "model_file" in config
     original, _ = mlx_lm_load(str(source))
     for unit, removed in provenance["removed_neurons"].items():
-        from mlxfun.core.adapter import get_path
-
+        assert int(unit.split(".")[2]) >= first
         down = get_path(original, unit).down_proj
         w = np.array(down.weight)
         removed = np.array(removed)
-        assert removed.shape[-1] == size // 4
+        assert removed.shape[-1] == round(ratio * w.shape[-1])
         if w.ndim == 3:
             assert removed.shape[0] == w.shape[0]
             for e in range(w.shape[0]):
@@ -225,11 +218,16 @@ def test_removing_neurons_equals_zeroing_them_and_loads_in_stock_mlx_lm(
             w[:, removed] = 0
         down.weight = mx.array(w)
     tokens = np.random.default_rng(0).integers(0, 256, size=(2, 12))
-    cut, _ = mlx_lm_load(str(out))
+    cut, _ = mlx_lm_load(str(out), trust_remote_code=trust)
     np.testing.assert_allclose(logits(cut, tokens), logits(original, tokens), rtol=1e-4, atol=1e-4)
+    before, after = weights(source), weights(out)
+    assert set(before) == set(after)
+    for name, value in before.items():
+        if not name.startswith("model.layers.") or int(name.split(".")[2]) < first:
+            assert value.dtype == after[name].dtype and np.array_equal(value, after[name]), name
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLXFUN")}
     done = subprocess.run(
-        [sys.executable, "-c", STOCK_LOAD, str(out)],
+        [sys.executable, "-c", STOCK_LOAD, str(out), "1" if trust else "0"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -238,12 +236,113 @@ def test_removing_neurons_equals_zeroing_them_and_loads_in_stock_mlx_lm(
     )
     assert done.returncode == 0, done.stderr
     assert "generated" in done.stdout
+    return config, provenance
+
+
+@pytest.mark.parametrize("last", [None, 1])
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
+def test_removing_neurons_equals_zeroing_them_and_loads_in_stock_mlx_lm(
+    models, data, tmp_path, model_type, last
+):
+    source, out = models[model_type], tmp_path / "out"
+    summary = prune_neurons(
+        PruneNeuronsRequest(
+            model=source, dataset=[data], output=out, method="wanda", ratio=0.25, last=last
+        )
+    )
+    config, provenance = check_removal(source, out, tmp_path, first=1 if last else 0)
+    key = "moe_intermediate_size" if model_type == "qwen3_moe" else "intermediate_size"
+    size = TINY_ARGS[key]
+    assert summary["bytes_after"] < summary["bytes_before"]
+    if last is None:  # one size for every layer: the config says it, no model file
+        assert config[key] == size - size // 4 and "model_file" not in config
+        return
+    # the last layer's own size through the model file; the config keeps the others' size
+    assert config[key] == size and config["model_file"] == "mlxfun_nonuniform.py"
+    assert (out / "mlxfun_nonuniform.py").is_file()
+    module = "model.layers.1.mlp" + (".switch_mlp" if model_type == "qwen3_moe" else "")
+    assert config["mlxfun"]["nonuniform"]["layers"] == [
+        {"layer": 1, "module": module, "config": {key: size - size // 4}}
+    ]
+    assert list(provenance["removed_neurons"]) == [module]
+
+
+def shared_expert_models():
+    from .adapters.test_biased_family import DEEPSEEK_V3
+    from .test_abliterate import ARCHS
+
+    return [
+        # (model type, args, options, the model file's modules with their sizes or None)
+        ("deepseek_v3", DEEPSEEK_V3, {}, None),
+        (
+            "deepseek_v3",
+            dict(DEEPSEEK_V3, n_shared_experts=2),
+            {"last": 1},
+            {
+                "model.layers.2.mlp.switch_mlp": {"moe_intermediate_size": 24},
+                "model.layers.2.mlp.shared_experts": {"moe_intermediate_size": 24},
+            },
+        ),
+        # without the experts, DeepSeek's shared experts cannot shrink through the config
+        # (it sizes them from the experts' key): the model file gives them their own size
+        (
+            "deepseek_v3",
+            dict(DEEPSEEK_V3, n_shared_experts=2),
+            {"experts": False},
+            {
+                "model.layers.0.mlp": {"intermediate_size": 72},
+                "model.layers.1.mlp.shared_experts": {"moe_intermediate_size": 24},
+                "model.layers.2.mlp.shared_experts": {"moe_intermediate_size": 24},
+            },
+        ),
+        ("qwen2_moe", ARCHS["qwen2_moe"], {}, None),
+        # 30%: experts keep 22 neurons, the two shared ones 45 (no multiple of 2)
+        (
+            "deepseek_v3",
+            dict(DEEPSEEK_V3, n_shared_experts=2),
+            {"ratio": 0.3, "last": 1},
+            {
+                "model.layers.2.mlp.switch_mlp": {"moe_intermediate_size": 22},
+                "model.layers.2.mlp.shared_experts": {
+                    "moe_intermediate_size": 45,
+                    "n_shared_experts": 1,
+                },
+            },
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_shared_experts_are_pruned_like_dense_mlps(data, tmp_path, case):
+    model_type, args, options, modules = shared_expert_models()[case]
+    source = save_tiny_checkpoint(tmp_path / "src", model_type, dict(args), seed=case)
+    out = tmp_path / "out"
+    prune_neurons(
+        PruneNeuronsRequest(model=source, dataset=[data], output=out, method="wanda", **options)
+    )
+    first = 2 if options.get("last") else 0
+    config, provenance = check_removal(
+        source, out, tmp_path, ratio=options.get("ratio", 0.25), first=first
+    )
+    shared = [u for u in provenance["removed_neurons"] if "shared_expert" in u]
+    assert len(shared) == (1 if first else 2)
+    if modules is None:
+        assert "model_file" not in config
+        if model_type == "qwen2_moe":
+            assert config["shared_expert_intermediate_size"] == 48
+            assert config["moe_intermediate_size"] == 24 and config["intermediate_size"] == 128
+        else:
+            assert config["moe_intermediate_size"] == 24 and config["intermediate_size"] == 72
+        return
+    spec = config["mlxfun"]["nonuniform"]["layers"]
+    assert {s["module"]: s["config"] for s in spec} == modules
+    assert config["moe_intermediate_size"] == 32
 
 
 STOCK_LOAD = """
 import sys
 import mlx_lm
-model, tokenizer = mlx_lm.load(sys.argv[1])
+model, tokenizer = mlx_lm.load(sys.argv[1], trust_remote_code=sys.argv[2] == "1")
 text = mlx_lm.generate(model, tokenizer, "hello", max_tokens=8)
 assert not [k for k in sys.modules if k.startswith("mlxfun")]
 print("generated", len(text))
@@ -326,21 +425,26 @@ def test_prune_neurons_cli_json_and_refusals(models, data, tmp_path, capsys):
         "moe_intermediate_size": TINY_ARGS["moe_intermediate_size"] // 2
     }
     assert [row["kept"] for row in summary["layers"]] == [8, 8]
-    assert main([*args, "--last", "1", "-o", str(tmp_path / "last")]) == 1
-    assert "leave out --last" in one_error_line(capsys)
-    assert not (tmp_path / "last").exists()
+    assert main([*args, "--last", "1", "-o", str(tmp_path / "last"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [row["layer"] for row in summary["layers"]] == [1]
+    assert summary["config_changes"]["model_file"] == "mlxfun_nonuniform.py"
+    # a model with per-module sizes already cannot get other ones on top
+    again = ["prune-neurons", "--model", str(tmp_path / "last"), "--dataset", str(data)]
+    assert main([*again, "--method", "magnitude", "-o", str(tmp_path / "again")]) == 1
+    assert "already has per-module sizes" in one_error_line(capsys)
+    assert not (tmp_path / "again").exists()
+    assert main([*args, "--last", "0", "-o", str(tmp_path / "zero")]) == 1
+    assert "--last must be at least 1" in one_error_line(capsys)
+    assert not (tmp_path / "zero").exists()
 
 
-def test_an_architecture_sizing_shared_experts_from_the_key_is_refused(tmp_path, data, capsys):
+def test_sparsify_on_deepseek(tmp_path, data, capsys):
     from .adapters.test_biased_family import DEEPSEEK_V3
 
     source = save_tiny_checkpoint(tmp_path / "ds", "deepseek_v3", dict(DEEPSEEK_V3))
-    out = tmp_path / "out"
-    args = ["--model", str(source), "--dataset", str(data), "-o", str(out)]
-    assert main(["prune-neurons", "--method", "magnitude", *args]) == 1
-    assert "prune-neurons does not support it" in one_error_line(capsys)
-    assert not out.exists() and not list(tmp_path.glob(".out*"))
-    # sparsify keeps the shapes, so it works there (dense first layer, MLA attention, experts)
+    args = ["--model", str(source), "--dataset", str(data), "-o", str(tmp_path / "out")]
+    # dense first layer, MLA attention, experts
     assert main(["sparsify", "--method", "wanda", "--include-attention", "--json", *args]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert set(summary["groups"]) == {"mlp", "experts", "attention"}

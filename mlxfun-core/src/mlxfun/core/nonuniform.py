@@ -10,6 +10,9 @@ records its counts in config.json::
         "base_num_experts": 8,
         "layers": [{"layer": 0, "module": "model.layers.0", "num_experts": 6}, ...]}}
 
+or, for modules with their own sizes (``mlxfun prune-neurons --last``, ``sizes_config``),
+``{"layer": 1, "module": "model.layers.1.mlp", "config": {"intermediate_size": 48}}`` entries
+(``num_experts_keys`` empty),
 and ships ``mlxfun_nonuniform.py`` (``MODEL_FILE_SOURCE`` below, with the base module filled
 in): its ``ModelArgs`` is the architecture's own, remembering the config; its ``Model`` builds the
 architecture's own model with ``base_num_experts`` (the config's expert-count keys, set to the
@@ -40,8 +43,9 @@ MODEL_FILE = "mlxfun_nonuniform.py"
 MODEL_FILE_SOURCE = '''"""A Mixture-of-Experts model with its own expert count in every MoE layer, written by
 mlxfun {version} (model-wide expert pruning).
 
-Each MoE layer is built by the architecture's own module ({base_module}) with the expert count
-recorded for it in config.json["mlxfun"]["nonuniform"]["layers"]. Load with
+Each module listed in config.json["mlxfun"]["nonuniform"]["layers"] is built by the
+architecture's own module ({base_module}) with the expert count ("num_experts") and the config
+values ("config", such as a pruned MLP's intermediate size) recorded for it. Load with
 mlx_lm.load(path, trust_remote_code=True) or mlx_lm.generate --trust-remote-code.
 """
 
@@ -109,16 +113,20 @@ class Model(base.Model):
         spec = config["mlxfun"]["nonuniform"]
         built = {{}}
         for layer in spec["layers"]:
-            count = layer["num_experts"]
-            if count == spec["base_num_experts"]:
+            overrides = dict(layer.get("config", {{}}))
+            count = layer.get("num_experts", spec["base_num_experts"])
+            if count != spec["base_num_experts"]:
+                overrides.update({{key: count for key in spec["num_experts_keys"]}})
+            if not overrides:
                 continue
-            if count not in built:
+            name = repr(sorted(overrides.items()))
+            if name not in built:
                 variant = copy.deepcopy(config)
                 variant.pop("model_file", None)
-                for key in spec["num_experts_keys"]:
-                    _set_key(variant, key, count)
-                built[count] = base.Model(base.ModelArgs.from_dict(variant))
-            _put(self, layer["module"], _get(built[count], layer["module"]))
+                for key, value in overrides.items():
+                    _set_key(variant, key, value)
+                built[name] = base.Model(base.ModelArgs.from_dict(variant))
+            _put(self, layer["module"], _get(built[name], layer["module"]))
 '''
 
 
@@ -199,6 +207,28 @@ def nonuniform_config(config: dict, keys: list[str], layers: list[dict]) -> tupl
         "num_experts_keys": list(keys),
         "base_num_experts": largest,
         "layers": [dict(layer) for layer in layers],
+    }
+    return config, model_file_source(base)
+
+
+def sizes_config(config: dict, modules: list[dict]) -> tuple[dict, str]:
+    """``(config, model file source)`` for modules built with their own config values
+    (``modules``: dicts with ``layer``, ``module`` (its path) and ``config``, such as
+    ``{"intermediate_size": 48}`` for an MLP with fewer neurons); the config keeps its values
+    for every other module."""
+    if is_nonuniform(config):
+        raise MlxfunError(
+            "this model already has per-layer expert counts or sizes (mlxfun_nonuniform.py); "
+            "giving its modules other sizes as well is not supported: start from its source model"
+        )
+    base = base_module(config)
+    config = uniform_config(config, [], 0)
+    config["model_file"] = MODEL_FILE
+    config.setdefault("mlxfun", {})["nonuniform"] = {
+        "base_module": base,
+        "num_experts_keys": [],
+        "base_num_experts": None,
+        "layers": [dict(module) for module in modules],
     }
     return config, model_file_source(base)
 

@@ -8,7 +8,9 @@ forward recorded, still lazy (``Observer.pending``). Evaluating and scoring ever
 its own would stop MLX from overlapping the next step with the current one and cost a numpy pass
 per token, so the forwards are batched: once ``batch_tokens`` tokens are pending, or when the
 server finishes a request (``flush``, before the client gets its answer), they are evaluated
-together and fed to the scorers. Only the generation thread runs the model and flushes;
+together and fed to the scorers. A forward of mlx-lm's batched generation may hold padding (its
+prefill right-pads the prompts of a batch); ``padding_mask`` marks the real tokens and only those
+are counted. Its decode steps hold one real token per row (finished rows leave the batch). Only the generation thread runs the model and flushes;
 readers (``snapshot``, ``save``, ``reset``) take the same lock as the update, so no count is
 lost or read half-written (a snapshot during a request lacks its last pending tokens).
 """
@@ -38,6 +40,7 @@ class LiveStats:
         self.since = time.time()
         self.batch_tokens = batch_tokens
         self._pending: list = []
+        self._masks: list = []  # per pending forward: (batch, seq) real tokens, or None (all)
         self._pending_tokens = 0
         self._context = None
 
@@ -46,10 +49,13 @@ class LiveStats:
 
     # -- hooks ---------------------------------------------------------------------------------
 
-    def _after_forward(self, module, call, *args, **kwargs):
-        out = call(*args, **kwargs)
+    def _after_forward(self, module, call, inputs, *args, **kwargs):
+        # read before the forward: the caches' padding describes this forward's inputs
+        mask = padding_mask(inputs, kwargs.get("cache", args[0] if args else None))
+        out = call(inputs, *args, **kwargs)
         pending = self.observer.pending()
         self._pending.append(pending)
+        self._masks.append(mask)
         self._pending_tokens += int(np.prod(pending[0]["used"].shape[:-1]))
         if self._pending_tokens >= self.batch_tokens:
             self.flush()
@@ -60,8 +66,15 @@ class LiveStats:
         if not self._pending:
             return
         forwards, self._pending, self._pending_tokens = self._pending, [], 0
+        masks, self._masks = self._masks, []
         merged = forwards[0] if len(forwards) == 1 else self.observer.concat_pending(forwards)
-        observations = self.observer.finish(merged)
+        keep = None
+        if any(m is not None for m in masks):
+            sizes = [int(np.prod(f[0]["used"].shape[:-1])) for f in forwards]
+            keep = np.concatenate(
+                [np.ones(n, bool) if m is None else m.reshape(-1) for m, n in zip(masks, sizes)]
+            )
+        observations = self.observer.finish(merged, keep)
         with self.lock:
             self.collector.update(observations)
             self.forwards += len(forwards)
@@ -128,6 +141,25 @@ class LiveStats:
         }
         save_stats(path, scores, accumulators, token_counts, metadata)
         return {"path": str(path), "tokens_seen": tokens, "scorers": sorted(scores)}
+
+
+def padding_mask(inputs, cache):
+    """The real tokens (batch, seq) of a forward of mlx-lm's ``BatchGenerator``, or None when
+    every token is real. Its prefill right-pads the prompt chunks of a batch and hands each
+    ``BatchKVCache`` the padding (``prepare(right_padding=...)``, kept until ``finalize``); the
+    chunk is at most ``prefill_step_size`` tokens, so one forward sees it whole and row i's real
+    tokens are its first ``seq - padding[i]``. The server batches only models whose caches are
+    all ``KVCache`` (serve.py), so no other cache kind needs reading here."""
+    padding = None
+    for c in cache or ():
+        padding = getattr(c, "_right_padding", None)
+        if padding is not None:
+            break
+    if padding is None:
+        return None
+    seq = inputs.shape[1]
+    real = seq - np.array(padding).reshape(-1, 1)
+    return np.arange(seq)[None, :] < real
 
 
 def _finalize(scorers, accumulators) -> dict:

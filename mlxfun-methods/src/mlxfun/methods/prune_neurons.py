@@ -4,11 +4,14 @@ An MLP's intermediate neuron n is row n of its gate and up projections and colum
 projection. Its score is the sum over column n of the neuron scorer's down-projection scores
 (``neuron_scorers``; the statistics of the down projection's input channel n are that neuron's
 activations, per expert from the tokens routed to it): for ``wanda`` ||X_n|| * sum_i |W_in|.
-Every pruned MLP loses ``round(ratio * neurons)`` neurons, every expert of a layer the same
-count (its own lowest-scored ones), so the switch tensors stay rectangular and every layer keeps
-the same size: the config's intermediate size key is updated and stock mlx-lm loads the result.
-Shared experts and attention are left as they are. With ``sequential`` each layer is cut before
-its outputs feed the next one.
+Every pruned MLP (dense, shared expert: scored from the MoE block's input, all tokens) loses
+``round(ratio * neurons)`` neurons, every expert of a layer the same count (its own
+lowest-scored ones), so the switch tensors stay rectangular. When one value per size key
+describes every layer (no ``--last``) and the architecture builds the result from it, the
+config's size keys are updated and stock mlx-lm loads the result as it is; else every pruned
+module gets its own sizes through mlxfun's model file (``mlxfun.core.nonuniform.sizes_config``;
+``mlx_lm.load(path, trust_remote_code=True)``). Attention is left as it is. With
+``sequential`` each layer is cut before its outputs feed the next one.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class Unit:
 
     layer: int
     path: str
-    kind: str  # "mlp" or "experts"
+    kind: str  # "mlp", "experts" or "shared" (a shared expert: a dense MLP in an MoE layer)
     ups: list  # (name, module)
     down: object  # Target of the down projection
 
@@ -57,14 +60,13 @@ def layer_units(index, layer, prefix, experts: bool) -> list[Unit]:
         parent, _, name = target.name.rpartition(".")
         by_parent.setdefault(parent, []).append((name, target))
     for parent, members in by_parent.items():
-        if "shared_expert" in parent:
-            continue
         names = dict(members)
         down = [names[n] for n in DOWN if n in names]
         ups = [(n, names[n].module) for n in UP if n in names]
         if len(down) != 1 or not ups:
             continue
-        units[parent] = Unit(index, parent, down[0].group, ups, down[0])
+        kind = "shared" if "shared_expert" in parent else down[0].group
+        units[parent] = Unit(index, parent, kind, ups, down[0])
     return list(units.values())
 
 
@@ -113,11 +115,26 @@ def cut(unit: Unit, keep: np.ndarray) -> None:
     mx.eval([m.parameters() for _, m in unit.ups], down.parameters())
 
 
-def _size_key(config: dict, kind: str, size: int) -> str:
-    preferred = ("moe_intermediate_size",) if kind == "experts" else ("intermediate_size",)
-    for key in (*preferred, *SIZE_KEYS):
+def size_overrides(config: dict, kind: str, size: int, kept: int) -> dict:
+    """The config values that make the architecture build a ``kind`` unit of ``size`` neurons
+    with ``kept``: its size key, or for DeepSeek-style shared experts (``moe_intermediate_size
+    * n_shared_experts`` neurons) those two."""
+    preferred = {
+        "experts": ("moe_intermediate_size",),
+        "mlp": ("intermediate_size",),
+        "shared": ("shared_expert_intermediate_size",),
+    }[kind]
+    for key in preferred:
         if config.get(key) == size:
-            return key
+            return {key: kept}
+    shared = config.get("n_shared_experts")
+    if kind == "shared" and shared and config.get("moe_intermediate_size", 0) * shared == size:
+        if kept % shared == 0:
+            return {"moe_intermediate_size": kept // shared}
+        return {"moe_intermediate_size": kept, "n_shared_experts": 1}
+    for key in SIZE_KEYS:
+        if config.get(key) == size:
+            return {key: kept}
     raise MlxfunError(
         f"cannot find the config key holding the {kind} intermediate size {size} "
         f"(tried {', '.join(SIZE_KEYS)}); this architecture is not supported by prune-neurons"
@@ -125,7 +142,9 @@ def _size_key(config: dict, kind: str, size: int) -> str:
 
 
 def prune_neurons(request: PruneNeuronsRequest) -> dict:
-    from mlxfun.core import plugins
+    from mlx_lm.utils import save_config
+    from mlxfun.core import nonuniform, plugins
+    from mlxfun.core.config import read_config
     from mlxfun.core.models import load_model
     from mlxfun.core.outputs import atomic_output_dir, check_output
     from mlxfun.core.runner import all_decoder_layers
@@ -144,24 +163,24 @@ def prune_neurons(request: PruneNeuronsRequest) -> dict:
     start = time.perf_counter()
     model, tokenizer, config = load_model(request.model)
     check_not_quantized(model)
+    if nonuniform.is_nonuniform(config) and any(
+        "config" in layer for layer in config["mlxfun"]["nonuniform"]["layers"]
+    ):
+        raise MlxfunError(
+            f"{request.model} already has per-module sizes (mlxfun_nonuniform.py, written by "
+            "prune-neurons); pruning it again is not supported: start from its source model"
+        )
     path, layers = all_decoder_layers(model)
     if not layers:
         raise MlxfunError(f"{type(model).__name__}: found no list of decoder layers")
     first = 0 if request.last is None else max(0, len(layers) - request.last)
-    if first > 0:
-        raise MlxfunError(
-            f"--last {request.last} would leave the first {first} layers at their size, but the "
-            "config holds one intermediate size for every layer (per-layer sizes are not "
-            "supported yet): leave out --last"
-        )
     units_of = {}
     for index, layer in enumerate(layers):
         if index >= first:
             units_of[index] = layer_units(index, layer, f"{path}.{index}", request.experts)
     if not any(units_of.values()):
         raise MlxfunError("no MLP or experts to prune neurons from (--no-experts on an MoE model?)")
-    new_config = dict(config)
-    rows, removed = [], {}
+    rows, removed, sizes = [], {}, []
     options = request.score_options()
 
     def on_layer(index, targets, stats):
@@ -174,8 +193,8 @@ def prune_neurons(request: PruneNeuronsRequest) -> dict:
             keep = keep_neurons(scores, remove)
             dropped = np.sort(np.argsort(scores, axis=-1, kind="stable")[..., :remove], axis=-1)
             cut(unit, keep)
-            key = _size_key(config, unit.kind, before)
-            new_config[key] = before - remove
+            overrides = size_overrides(config, unit.kind, before, before - remove)
+            sizes.append({"layer": index, "module": unit.path, "config": overrides})
             removed[unit.path] = dropped.tolist()
             rows.append(
                 {"layer": index, "unit": unit.path, "kind": unit.kind, "neurons": before}
@@ -200,6 +219,7 @@ def prune_neurons(request: PruneNeuronsRequest) -> dict:
         for index in units_of:
             on_layer(index, [], {})
     bytes_before = _weight_bytes(request.model)
+    uniform = _uniform_config(config, sizes) if first == 0 else None
     provenance = {
         "mlxfun_version": versions().get("mlxfun-core"),
         "method": "prune-neurons",
@@ -210,19 +230,28 @@ def prune_neurons(request: PruneNeuronsRequest) -> dict:
         "sequential": request.sequential,
         "datasets": [str(Path(p).resolve()) for p in request.dataset],
         "calibration_tokens": calibration.tokens if calibration else 0,
-        "config_changes": {k: v for k, v in new_config.items() if config.get(k) != v},
+        "sizes": sizes,
         "removed_neurons": removed,
         "versions": versions(),
     }
     with atomic_output_dir(request.output, force=request.force, inputs=inputs) as tmp:
-        write_model(tmp, model, request.model, config=new_config, provenance=provenance)
-        _check_loads(tmp, provenance["config_changes"])
+        write_model(tmp, model, request.model, config=uniform or config, provenance=provenance)
+        if uniform is None or not _builds(tmp):
+            new_config, source = nonuniform.sizes_config(config, sizes)
+            save_config(new_config, tmp / "config.json")
+            (tmp / nonuniform.MODEL_FILE).write_text(source)
+            if not _builds(tmp):
+                raise MlxfunError(
+                    "the pruned model does not build with its modules' new sizes; this "
+                    "architecture sizes them in a way prune-neurons does not know: not supported"
+                )
+        changes = _changes(config, read_config(tmp))
         bytes_after = _weight_bytes(tmp)
     return {
         "method": request.method,
         "ratio": request.ratio,
         "layers": rows,
-        "config_changes": provenance["config_changes"],
+        "config_changes": changes,
         "bytes_before": bytes_before,
         "bytes_after": bytes_after,
         "calibration_tokens": provenance["calibration_tokens"],
@@ -239,16 +268,28 @@ def _weight_bytes(directory) -> int:
     )
 
 
-def _check_loads(directory: Path, changes: dict) -> None:
-    """The written model builds from its config with exactly its weights' shapes (an
-    architecture that derives another size from the changed key, such as shared experts sized
-    from ``moe_intermediate_size``, does not)."""
+def _uniform_config(config: dict, sizes: list[dict]) -> dict | None:
+    """The config with every unit's size values, when no two units need different values for
+    one key (then the model may build from it alone); else None."""
+    values: dict = {}
+    for size in sizes:
+        for key, value in size["config"].items():
+            if values.setdefault(key, value) != value:
+                return None
+    return {**config, **values}
+
+
+def _builds(directory: Path) -> bool:
+    """Whether the written model builds from its config with exactly its weights' shapes (a
+    config key may size other modules too, such as DeepSeek's shared experts)."""
     from mlxfun.core.models import load_mlx_model
 
     try:
         load_mlx_model(directory, lazy=True)
-    except MlxfunError as exc:
-        raise MlxfunError(
-            f"the pruned model does not load with config {changes} ({exc}); this architecture "
-            "sizes other modules from that key: prune-neurons does not support it"
-        ) from None
+    except MlxfunError:
+        return False
+    return True
+
+
+def _changes(before: dict, after: dict) -> dict:
+    return {k: v for k, v in after.items() if before.get(k) != v}

@@ -4,8 +4,10 @@ jobs and the dashboard (docs/dashboard.md).
 Chat completions, completions and streaming are ``mlx_lm.server``'s own (``APIHandler``,
 ``ResponseGenerator``); mlxfun replaces only how the model is loaded (``core.models``, the loader
 of every other command) and adds its ``/v1/mlxfun/...`` routes, the dashboard at ``/`` and the
-API key check. Requests are served one at a time (mlx-lm's sequential path): its batched path
-left-pads prompts, and the padding would be counted as routed tokens. The prompt cache is off by
+API key check. Unsteered requests are batched as stock mlx-lm batches them (its
+``BatchGenerator``); the counters skip the padding of a batch (``live_stats.padding_mask``).
+Steered requests are served one at a time (mlx-lm's sequential path) under their spec: the
+steering hooks act on every row of a forward. The prompt cache is off by
 default (``prompt_cache_size`` 0) so that every prompt token runs through the model and is
 counted; a larger cache is faster for long chats but skips the cached prefix.
 """
@@ -90,8 +92,8 @@ def _cli_args(options: ServeOptions) -> argparse.Namespace:
         min_p=0.0,
         max_tokens=options.max_tokens,
         chat_template_args={},
-        decode_concurrency=1,
-        prompt_concurrency=1,
+        decode_concurrency=32,  # mlx-lm's defaults: batch as stock mlx_lm.server does
+        prompt_concurrency=8,
         prefill_step_size=2048,
         prompt_cache_size=options.prompt_cache_size,
         prompt_cache_bytes=None,
@@ -129,7 +131,11 @@ def _model_provider_class():
             self.model_key = (model_path, adapter_path, draft_model_path)
             self.model, self.tokenizer = model, tokenizer
             self.processor, self.draft_model = None, None
-            self.is_batchable = False  # batched prefill pads prompts: padding would be counted
+            # batched only where the counters know the padding: plain KV caches (their batched
+            # form records each row's right padding; live_stats.padding_mask reads it)
+            from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+            self.is_batchable = all(type(c) is KVCache for c in make_prompt_cache(model))
             self._on_load(model, config)
 
     return MlxfunModelProvider
@@ -210,11 +216,28 @@ class ServerState:
         state = self
 
         class SteeringResponseGenerator(ResponseGenerator):
-            """mlx-lm's generator; each request runs under its steering (if any)."""
+            """mlx-lm's generator; a steered request runs alone under its spec, the others
+            are batched as mlx-lm batches them."""
+
+            def generate(self, request, generation_args, *args, **kwargs):
+                generation_args.mlxfun_steer = getattr(
+                    request, "mlxfun_steer", None
+                ) or state.request_spec({})
+                return super().generate(request, generation_args, *args, **kwargs)
+
+            def _is_batchable(self, args):
+                # steering hooks act on every row of a batch: steered requests run alone
+                spec = getattr(args, "mlxfun_steer", (None,))[0]
+                return spec is None and super()._is_batchable(args)
+
+            def _next_request(self, timeout=None):
+                # the counters are complete before the client reads the end of its answer
+                request = super()._next_request(timeout)
+                if request is None:
+                    return None
+                return (_FlushingQueue(request[0], lambda: state.live.flush()), *request[1:])
 
             def _serve_single(self, request, stream):
-                # the counters are complete before the client reads the end of its answer
-                request = (_FlushingQueue(request[0], state.live.flush), *request[1:])
                 spec = getattr(request[1], "mlxfun_steer", None)
                 spec = state.request_spec({})[0] if spec is None else spec[0]
                 if spec is None:
