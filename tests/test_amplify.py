@@ -3,7 +3,8 @@ mlxfun imported), the logits of run-time steering with the same spec, on router 
 take the bias in each place: the correction bias (DeepSeek-V3 grouped sigmoid, MiniMax sigmoid,
 LongCat softmax + zero experts), an existing router Linear bias (gpt_oss; LongCat's classifier
 for a masked expert's softmax share) and a model file for
-routers without one (Qwen3-MoE, float32 and 4-bit, and Mixtral)."""
+routers without one (Qwen3-MoE, float32 and 4-bit, and Mixtral) and for raw-array gates without
+a correction bias (DeepSeek-V1 softmax, DeepSeek-V2 group-limited, float32 and 4-bit)."""
 
 import json
 import subprocess
@@ -17,6 +18,7 @@ from mlxfun.cli.app import main
 from mlxfun.core import plugins
 from mlxfun.core.errors import MlxfunError
 from mlxfun.core.models import load_model
+from mlxfun.core.observe import Observer
 from mlxfun.core.testing import check_intervention
 from mlxfun.methods.amplify import amplify
 from mlxfun.methods.interventions import AmplifyIntervention
@@ -42,6 +44,10 @@ CASES = [
     ("deepseek_v3-4bit", "deepseek_v3", BIASED["deepseek_v3"], 4, False),
     ("minimax", "minimax", softmax.MINIMAX, None, False),
     ("longcat_flash", "longcat_flash", LONGCAT["longcat_flash"], None, False),
+    ("deepseek", "deepseek", softmax.DEEPSEEK, None, True),
+    ("deepseek-4bit", "deepseek", softmax.DEEPSEEK, 4, True),
+    ("deepseek_v2", "deepseek_v2", BIASED["deepseek_v2"], None, True),
+    ("deepseek_v2-4bit", "deepseek_v2", BIASED["deepseek_v2"], 4, True),
 ]
 
 SPEC = {
@@ -114,15 +120,33 @@ def test_the_amplify_intervention_equals_steering(tmp_path):
     assert plugins.get_intervention("amplify").name == "amplify"
 
 
-def test_amplify_refusals_are_one_line(tmp_path, capsys):
-    source, _ = write_dir(tmp_path / "model", "deepseek", biased_deepseek_args())
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps(SPEC))
-    code = main(["amplify", "--model", str(source), "--spec", str(spec), "-o", str(tmp_path / "o")])
-    err = capsys.readouterr().err.strip()
-    assert code not in (0, None) and "raw weight array" in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "o").exists()
+def test_amplified_gates_route_where_steering_does(tmp_path):
+    """DeepSeek-V2 group-limited: the in-memory amplify intervention (the model file's biased
+    gate) equals steering, the gate's bias sits in the checkpoint's config as a gate, and the
+    adapter's routing of the amplified model is the block's (the observer checks it)."""
+    args, _ = grouped_args("deepseek_v2", BIASED["deepseek_v2"])
+    source, adapter = write_dir(tmp_path / "model", "deepseek_v2", args)
+    model, _ = mlx_lm_load(str(source))
+    with steering(model, SPEC, adapter=adapter):
+        steered = model(TOKENS)
+    assert AmplifyIntervention().apply(model, adapter, spec=SPEC) is None
+    np.testing.assert_array_equal(np.array(model(TOKENS)), np.array(steered))
+    with Observer(model, adapter, {"selected"}) as observer:
+        mx.eval(model(TOKENS))
+        selected = [obs.selected for obs in observer.observations()]
+    assert all(not (s == 1).any() for s in selected)
+    assert all((s == 2).any(axis=-1).all() for s in selected)
 
+    out = tmp_path / "amplified"
+    amplify(source, dict(SPEC), out)
+    recorded = json.loads((out / "config.json").read_text())["mlxfun"]["router_bias"]
+    assert recorded["routers"] == [] and recorded["gates"] == [
+        f"model.layers.{layer.index}.mlp.gate" for layer in adapter.moe_layers(model)
+    ]
+
+
+def test_amplify_refusals_are_one_line(tmp_path, capsys):
+    spec = tmp_path / "spec.json"
     qwen, _ = write_dir(tmp_path / "qwen", "qwen3_moe", examples.QWEN3_MOE)
     spec.write_text(json.dumps({"rules": [{"layer": 0, "experts": [99], "mode": "mask"}]}))
     code = main(["amplify", "--model", str(qwen), "--spec", str(spec), "-o", str(tmp_path / "o")])
@@ -138,8 +162,39 @@ def test_amplify_refusals_are_one_line(tmp_path, capsys):
         )
 
 
-def biased_deepseek_args():
-    return softmax.DEEPSEEK
+def test_amplify_and_pruning_compose_only_prune_first(tmp_path, capsys):
+    """Pruning would drop an amplified model's router biases (and its model file): refused in
+    one line; a uniformly pruned model amplifies (no model file) and a model-wide one, with its
+    model file, is refused by amplify."""
+    from .test_prune import write_stats
+
+    args, _ = grouped_args("deepseek_v2", BIASED["deepseek_v2"])
+    source, _ = write_dir(tmp_path / "model", "deepseek_v2", args)
+    stats = tmp_path / "stats.npz"
+    write_stats(source, stats)
+    amplified = tmp_path / "amplified"
+    amplify(source, dict(SPEC), amplified)
+    prune = ["prune", "--stats", str(stats), "--n", "4"]  # 4 groups: one expert from each
+    code = main([*prune, "--model", str(amplified), "-o", str(tmp_path / "p")])
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" not in line]
+    assert code not in (0, None) and len(err) == 1 and "was amplified" in err[0]
+    assert not (tmp_path / "p").exists()
+
+    pruned = tmp_path / "pruned"
+    assert main([*prune, "--model", str(source), "-o", str(pruned)]) in (0, None)
+    spec = {"rules": [{"layer": "all", "experts": [0], "mode": "mask"}]}
+    summary = amplify(pruned, spec, tmp_path / "pruned-amplified")
+    assert summary["model_file"] is not None and summary["edits"]
+
+    qwen, _ = write_dir(tmp_path / "qwen", "qwen3_moe", examples.QWEN3_MOE)
+    write_stats(qwen, stats, seed=1)
+    model_wide = tmp_path / "model-wide"
+    options = ["--selector", "model-wide", "--n", "2", "--target", "0:0,1"]
+    command = ["prune", "--stats", str(stats), "--model", str(qwen), "-o", str(model_wide)]
+    assert main([*command, *options]) in (0, None)
+    assert json.loads((model_wide / "config.json").read_text())["model_file"]
+    with pytest.raises(MlxfunError, match="has a model_file"):
+        amplify(model_wide, spec, tmp_path / "o")
 
 
 def test_amplify_command_prints_the_edits(tmp_path, capsys):

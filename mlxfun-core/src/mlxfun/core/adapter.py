@@ -59,6 +59,12 @@ class MoELayer:
     )
 
 
+def gate_bias(gate):
+    """The ``bias`` of a gate module (holding a raw router array) that ``mlxfun amplify``'s
+    model file biased (``biased_routers.bias_gate``: its class is marked), or None."""
+    return gate["bias"] if getattr(type(gate), "_mlxfun_gate_bias", False) else None
+
+
 def get_path(obj, path: str):
     """Follow a dotted path of attributes, dict keys and list indices."""
     for part in path.split("."):
@@ -195,8 +201,9 @@ class MoEAdapter:
         return value
 
     def router_logits(self, block, x):
-        """The router's logits for block input ``x``; a router bias registered on a block whose
-        router is a raw array (``hooks.router_biases``, steering) is added to them."""
+        """The router's logits for block input ``x``; a raw-array router's stored bias (a gate
+        biased by ``mlxfun amplify``'s model file, ``biased_routers``) and a router bias
+        registered on its block (``hooks.router_biases``, steering) are added to them."""
         from .hooks import router_bias
 
         if self.logits is not None:
@@ -206,6 +213,10 @@ class MoEAdapter:
             if callable(router):
                 return router(x)
             logits = x @ router.T
+            gate_path = self.router_attr.rpartition(".")[0]
+            stored = gate_bias(get_path(block, gate_path)) if gate_path else None
+            if stored is not None:
+                logits = logits + stored.astype(logits.dtype)
         bias = router_bias(block)
         return logits if bias is None else logits + bias.astype(logits.dtype)
 

@@ -9,8 +9,10 @@ The bias goes where run-time steering puts it (``mlxfun.core.router_bias``), as 
 - ``router`` point: added to the router Linear's bias when it has one (gpt_oss), otherwise a
   new ``<router>.bias`` tensor, which stock mlx-lm loads only through the model file
   ``mlxfun_router_bias.py`` (``mlxfun.core.biased_routers``; ``trust_remote_code=True``);
-- ``gate`` point (a raw router array without a correction bias: deepseek, deepseek_v2):
-  refused, since mlx-lm's gate has nowhere to hold a bias.
+- ``gate`` point (a raw router array without a correction bias: deepseek, deepseek_v2): a new
+  ``<gate>.bias`` tensor, which the same model file gives the gate module and adds to the logits
+  the gate forms (``x @ weight.T + bias``, where run-time steering adds it), before its softmax
+  and group-limited selection.
 
 The values are the run-time ones (``steer.MASK`` -1e9, ``FORCE`` +50, or the rule's bias), so the
 amplified model computes what ``steering`` computes. A finite -1e9 still never selects the
@@ -40,14 +42,17 @@ class Edit:
     attr: str
     values: object = attrs.field(repr=False)  # float32 numpy (experts,)
     new: bool = False
-    router: str | None = None  # the router module's path, for a new bias
+    router: str | None = None  # the router (or gate) module's path, for a new bias
+    gate: bool = False  # a gate module holding a raw router array (the ``gate`` point)
 
 
 def router_edits(model, adapter, biases: dict, layers) -> list[Edit]:
     """The tensor edits that put ``biases`` ({position: float32 (experts,)}) into the model."""
     import numpy as np
-    from mlxfun.core.adapter import get_path
+    from mlxfun.core.adapter import gate_bias, get_path
     from mlxfun.core.router_bias import bias_point, correction_bias, removal_logits
+
+    gate_path = adapter.router_attr.rpartition(".")[0]
 
     edits = []
     for layer in layers:
@@ -57,11 +62,11 @@ def router_edits(model, adapter, biases: dict, layers) -> list[Edit]:
         point = bias_point(adapter, layer)
         router_path = f"{layer.path}.{adapter.router_attr}"
         if point == "gate":
-            raise MlxfunError(
-                f"amplify: {adapter.name}'s router (layer {layer.index}) is a raw weight array "
-                "inside its gate, with no bias and no correction bias for mlx-lm to load into; "
-                "steer this model at run time instead (mlxfun steer generate)"
-            )
+            path = f"{layer.path}.{gate_path}" if gate_path else layer.path
+            gate = get_path(layer.block, gate_path) if gate_path else layer.block
+            new = gate_bias(gate) is None  # else a gate amplified before: add to its bias
+            edits.append(Edit(f"{path}.bias", gate, "bias", bias, new, path, gate=True))
+            continue
         logit_bias = bias
         if point == "correction":
             owner, attr, _ = correction_bias(adapter, layer.block)
@@ -92,10 +97,13 @@ def _stored(values, dtype):
 def apply_edits(edits: list[Edit]) -> None:
     """Make the edits on the loaded model (permanent)."""
     import mlx.core as mx
+    from mlxfun.core.biased_routers import bias_gate
     from mlxfun.core.router_bias import linear_bias_dtype
 
     for edit in edits:
-        if edit.new:
+        if edit.gate and edit.new:
+            bias_gate(edit.module, _stored(edit.values, edit.module["weight"].dtype))
+        elif edit.new:
             setattr(edit.module, edit.attr, _stored(edit.values, linear_bias_dtype(edit.module)))
         else:
             old = getattr(edit.module, edit.attr)
@@ -139,8 +147,9 @@ def amplify(model_dir, spec, output, force: bool = False) -> dict:
     config = read_config(model_dir)
     if config.get("model_file") is not None:
         raise MlxfunError(
-            f"amplify: {model_dir} has a model_file ({config['model_file']}); amplify a model "
-            "that stock mlx-lm builds (before non-uniform pruning), then prune that"
+            f"amplify: {model_dir} has a model_file ({config['model_file']}), which amplify's "
+            "own model file cannot build on; amplify a model that stock mlx-lm builds (one "
+            "pruned uniformly, not model-wide) or steer this one at run time"
         )
     adapter = plugins.adapter_for_config(config)
     if adapter is None:
@@ -153,12 +162,13 @@ def amplify(model_dir, spec, output, force: bool = False) -> dict:
     check_spec_fingerprint(spec, model, adapter, layers, config)
     edits = router_edits(model, adapter, layer_biases(spec, layers), layers)
     by_name = {edit.name: edit for edit in edits}
-    routers = [edit.router for edit in edits if edit.new]
+    routers = [edit.router for edit in edits if edit.new and not edit.gate]
+    gates = [edit.router for edit in edits if edit.new and edit.gate]
     new_config = config
     files = {}
-    if routers:
+    if routers or gates:
         base = nonuniform.base_module(config)
-        new_config = biased_routers.biased_config(config, base, routers)
+        new_config = biased_routers.biased_config(config, base, routers, gates)
         files[biased_routers.MODEL_FILE] = biased_routers.model_file_source(base)
 
     shards = sorted(model_dir.glob("model*.safetensors"))

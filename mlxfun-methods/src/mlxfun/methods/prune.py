@@ -336,7 +336,7 @@ def plan_prune(request: PruneRequest, method: str = "prune") -> "PrunePlan":
 def _checked_source(request: PruneRequest) -> tuple[dict, object]:
     """The source model's config and adapter, once the model may be pruned and the output
     written."""
-    from mlxfun.core import plugins
+    from mlxfun.core import biased_routers, plugins
     from mlxfun.core.config import read_config
     from mlxfun.core.outputs import check_output
 
@@ -345,6 +345,12 @@ def _checked_source(request: PruneRequest) -> tuple[dict, object]:
     refusal = getattr(adapter, "prune_unsupported", None)
     if refusal:
         raise MlxfunError(f"{adapter.name} models cannot be pruned: {refusal}")
+    if biased_routers.has_router_biases(config):
+        raise MlxfunError(
+            f"{request.model} was amplified (model_file {biased_routers.MODEL_FILE}), and "
+            "pruning does not carry its router biases over; prune the model it was amplified "
+            "from, then amplify the pruned model"
+        )
     if not request.dry_run:
         if request.output is None:
             raise MlxfunError("pass --output (or --dry-run)")
