@@ -46,7 +46,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
-MIX = {"harmful": 0.3, "harmless": 0.3, "code": 0.2, "prose": 0.2}
+MIX = {"harmful": 0.3, "harmless": 0.4, "explain": 0.1, "code": 0.1, "prose": 0.1}
 
 
 def build_tokenizer(source: Path, out: Path):
@@ -209,8 +209,8 @@ def main():
         default=Path("demo/model"),
         help="model dir whose tokenizer is extended",
     )
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
@@ -227,7 +227,7 @@ def main():
     parser.add_argument(
         "--first-token-weight",
         type=float,
-        default=4.0,
+        default=8.0,
         help="loss weight of each answer's first token, where it complies or refuses",
     )
     parser.add_argument("--eval-every", type=int, default=100)
@@ -253,6 +253,7 @@ def main():
     pools = {
         "harmful": lambda r: chat_data.harmful_example(r, "train"),
         "harmless": lambda r: chat_data.harmless_example(r, "train"),
+        "explain": chat_data.explain_pairs(code["train"], prose["train"]),
         "code": code["train"],
         "prose": prose["train"],
     }

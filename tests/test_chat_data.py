@@ -128,3 +128,15 @@ def test_training_json_records_one_run_of_the_defaults():
     record = json.loads((MODEL / "training.json").read_text())
     assert record["command"].startswith("python scripts/train_chat_model.py")
     assert record["wall_seconds"] > 0
+
+
+def test_held_out_harmful_requests_are_new_combinations_of_trained_vocabulary():
+    """Evaluation pairs a trained verb with a trained object in a combination never trained on."""
+    train, held = chat_data.harmful_tasks("train"), chat_data.harmful_tasks("eval")
+    assert held and not set(train) & set(held)
+    for category, spec in chat_data.HARMFUL.items():
+        trained = [task for cat, task in train if cat == category]
+        for obj in spec["objects"]:
+            assert any(task.endswith(f" {obj}") for task in trained), obj
+        for verb in spec["verbs"]:
+            assert any(task.startswith(f"{verb} ") for task in trained), verb
