@@ -28,7 +28,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import glm4_moe
@@ -37,6 +36,7 @@ from mlxfun.core.hooks import call_hooks
 
 sys.path.insert(0, str(Path(__file__).parent))
 import chat_data  # noqa: E402
+from train_demo_model import adamw, balance_summary  # noqa: E402
 
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 EOS = "<|endoftext|>"
@@ -130,11 +130,6 @@ def balance_loss(captured, num_experts: int, top_k: int):
         total = total + num_experts * mx.sum(fraction * probs.mean(axis=0))
         counts_per_layer.append(mx.stop_gradient(counts))
     return total / len(captured), mx.stack(counts_per_layer)
-
-
-def balance_summary(counts: np.ndarray) -> str:
-    shares = counts / counts.sum(axis=1, keepdims=True) * 100
-    return " ".join(f"{row.min():.1f}-{row.max():.1f}%" for row in shares)
 
 
 class Packer:
@@ -274,11 +269,7 @@ def main():
         f"parameters: {n_params / 1e6:.2f}M; code pairs {len(code['train'])}, prose pairs {len(prose['train'])}"
     )
 
-    schedule = optim.cosine_decay(opts.lr, opts.steps - opts.warmup, opts.lr / 10)
-    if opts.warmup:
-        warm = optim.linear_schedule(opts.lr / opts.warmup, opts.lr, opts.warmup)
-        schedule = optim.join_schedules([warm, schedule], [opts.warmup])
-    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+    optimizer = adamw(opts)
     captured: list = []
     hooks = router_capture(model, captured)
     experts, top_k = args["n_routed_experts"], args["num_experts_per_tok"]

@@ -181,6 +181,15 @@ def router_z_loss(logits_list):
     return total / len(logits_list)
 
 
+def adamw(opts):
+    """AdamW with linear warm-up to ``opts.lr`` then cosine decay to a tenth of it."""
+    schedule = optim.cosine_decay(opts.lr, opts.steps - opts.warmup, opts.lr / 10)
+    if opts.warmup:
+        warm = optim.linear_schedule(opts.lr / opts.warmup, opts.lr, opts.warmup)
+        schedule = optim.join_schedules([warm, schedule], [opts.warmup])
+    return optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+
+
 def balance_summary(counts: np.ndarray) -> str:
     """Per layer: the smallest and largest expert share of the routed slots, e.g. 2.1-11.0%."""
     shares = counts / counts.sum(axis=1, keepdims=True) * 100
@@ -270,11 +279,7 @@ def main():
         f"parameters: {n_params / 1e6:.2f}M; train tokens available: code {streams[0].size}, prose {streams[1].size}"
     )
 
-    schedule = optim.cosine_decay(opts.lr, opts.steps - opts.warmup, opts.lr / 10)
-    if opts.warmup:
-        warm = optim.linear_schedule(opts.lr / opts.warmup, opts.lr, opts.warmup)
-        schedule = optim.join_schedules([warm, schedule], [opts.warmup])
-    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+    optimizer = adamw(opts)
     captured: list = []
     hooks = router_capture(model, captured)
 
