@@ -124,9 +124,10 @@ def _np_topk(block, x: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
 
 
-def _np_counts(model, adapter, sequences):
+def _np_counts(model, adapter, sequences, decision_tokens=1):
     """Brute force: one sequence at a time, the block inputs recorded by a hook, routing in
-    numpy, counted token by token."""
+    numpy, counted token by token; decision tokens: the last ``decision_tokens`` prompt
+    positions, counted as prompt tokens too."""
     layers = adapter.moe_layers(model)
     width = max(layer.num_experts for layer in layers)
     counts = {p: np.zeros((len(sequences), len(layers), width), np.int64) for p in scan_mod.PARTS}
@@ -145,11 +146,14 @@ def _np_counts(model, adapter, sequences):
         with call_hooks(hooks):
             mx.eval(model(mx.array([seq.ids])))
         for t in range(len(seq.ids)):
-            part = "prompt" if t < seq.prompt_len else "response"
-            tokens[part][i] += 1
-            for p, layer in enumerate(layers):
-                for e in _np_topk(layer.block, inputs[p][0, t : t + 1], layer.top_k)[0]:
-                    counts[part][i, p, e] += 1
+            parts = ["prompt"] if t < seq.prompt_len else ["response"]
+            if seq.prompt_len - decision_tokens <= t < seq.prompt_len:
+                parts.append("decision")
+            for part in parts:
+                tokens[part][i] += 1
+                for p, layer in enumerate(layers):
+                    for e in _np_topk(layer.block, inputs[p][0, t : t + 1], layer.top_k)[0]:
+                        counts[part][i, p, e] += 1
     return counts, tokens
 
 
@@ -157,8 +161,8 @@ def _request(model_dir, sets, **kwargs):
     return ScanRequest(kind=SAFETY, model=model_dir, sets=sets, **kwargs)
 
 
-@pytest.mark.parametrize("records", ["chat", "plain"])
-def test_counts_equal_numpy_routing(model_dir, data, records):
+@pytest.mark.parametrize("records,decision", [("chat", 1), ("plain", 3), ("chat", 1000)])
+def test_counts_equal_numpy_routing(model_dir, data, records, decision):
     model, tokenizer, config = load_model(model_dir)
     adapter = plugins.adapter_for_config(config)
     from mlxfun.core.datasets import load_samples
@@ -167,11 +171,15 @@ def test_counts_equal_numpy_routing(model_dir, data, records):
     request = _request(model_dir, (path, path), response_tokens=5, batch_size=2)
     sequences = scan_mod.build_sequences(load_samples([path]), model, tokenizer, request, "x")
     assert all(s.response_len > 0 for s in sequences)
-    routed = scan_mod.routed_counts(model, adapter, sequences, batch_size=2)
-    counts, tokens = _np_counts(model, adapter, sequences)
+    routed = scan_mod.routed_counts(model, adapter, sequences, 2, decision_tokens=decision)
+    counts, tokens = _np_counts(model, adapter, sequences, decision)
     for part in scan_mod.PARTS:
         np.testing.assert_array_equal(routed[part][1], tokens[part])
         np.testing.assert_array_equal(routed[part][0], counts[part])
+    lengths = [s.prompt_len for s in sequences]
+    np.testing.assert_array_equal(routed["decision"][1], np.minimum(lengths, decision))
+    if decision >= max(lengths):  # clamped: the decision part is the whole prompt
+        np.testing.assert_array_equal(routed["decision"][0], routed["prompt"][0])
 
 
 def test_long_prompts_are_cut_before_their_continuation(qwen, data):
@@ -190,21 +198,45 @@ def test_long_prompts_are_cut_before_their_continuation(qwen, data):
         assert len(seq.ids) == 12  # chat records: the whole conversation is cut
 
 
+def _np_selection(a, b, top, resamples, seed):
+    """Stability selection by hand: the scan's seeded draws (set a's prompts, then set b's, per
+    resample), each layer's ``top`` experts by difference above 0 (ties: lower id) counted, for
+    the difference and for the reversed one (the twins)."""
+    rng = np.random.default_rng(seed)
+    (ca, ta), (cb, tb) = a, b
+    hits = {1: np.zeros(ca.shape[1:]), -1: np.zeros(ca.shape[1:])}
+    for _ in range(resamples):
+        ia = rng.integers(0, len(ta), len(ta))
+        ib = rng.integers(0, len(tb), len(tb))
+        diff = sum(ca[i] for i in ia) / sum(ta[i] for i in ia)
+        diff = diff - sum(cb[i] for i in ib) / sum(tb[i] for i in ib)
+        for sign, counted in hits.items():
+            for layer, row in enumerate(sign * diff):
+                ranked = sorted(range(len(row)), key=lambda e: (-row[e], e))[:top]
+                for e in ranked:
+                    counted[layer, e] += row[e] > 0
+    return hits[1] / resamples, hits[-1] / resamples
+
+
 def test_report_scores_equal_numpy(model_dir, data, tmp_path):
     sets = (data["harmful"], data["plain"])
     out = tmp_path / "report.json"
-    report = scan_mod.scan(_request(model_dir, sets, response_tokens=4, output=out, resamples=20))
+    options = dict(response_tokens=4, decision_tokens=2, resamples=20, threshold=0.5)
+    report = scan_mod.scan(_request(model_dir, sets, output=out, **options))
     assert json.loads(out.read_text()) == report
+    assert list(report["parts"]) == list(scan_mod.PARTS)
+    assert report["options"]["decision_tokens"] == 2
 
     model, tokenizer, config = load_model(model_dir)
     adapter = plugins.adapter_for_config(config)
     from mlxfun.core.datasets import load_samples
 
-    request = _request(model_dir, sets, response_tokens=4)
+    request = _request(model_dir, sets, **options)
     brute = []
     for path in sets:
         sequences = scan_mod.build_sequences(load_samples([path]), model, tokenizer, request, "")
-        brute.append(_np_counts(model, adapter, sequences))
+        brute.append(_np_counts(model, adapter, sequences, 2))
+    selections = {}
     for part in scan_mod.PARTS:
         (ca, ta), (cb, tb) = [(c[part], t[part]) for c, t in brute]
         fa = ca.sum(0) / ta.sum()
@@ -224,11 +256,24 @@ def test_report_scores_equal_numpy(model_dir, data, tmp_path):
         np.testing.assert_allclose(values["prompt_mean_difference"], mean_a - mean_b, atol=2e-6)
         assert np.allclose(np.sum(values["frequency_harmful"], axis=1), 2)  # top-2 per token
         assert report["sets"]["harmful"]["tokens"][part] == ta.sum()
-    for group, part in SAFETY.groups.items():
-        chosen = np.array(report["parts"][part]["selection_frequency"]) >= 0.8
-        assert report["groups"][group]["experts"] == {
+        forward, reverse = _np_selection((ca, ta), (cb, tb), 2, 20, 0)
+        np.testing.assert_allclose(values["selection_frequency"], forward, atol=1e-9)
+        np.testing.assert_allclose(values["reverse_selection_frequency"], reverse, atol=1e-9)
+        selections[part] = {1: forward, -1: reverse}
+    assert report["sets"]["harmful"]["tokens"]["decision"] == 2 * len(HARMFUL)
+    named = set()
+    for group, part, twin in SAFETY.all_groups():
+        sign = -1 if twin else 1
+        entry = report["groups"][group]
+        assert (entry["part"], entry["sign"]) == (part, sign)
+        assert entry["prefers"] == ("harmless" if twin else "harmful")
+        chosen = selections[part][sign] >= 0.5
+        assert entry["experts"] == {
             str(i): np.flatnonzero(row).tolist() for i, row in zip(report["moe_layers"], chosen)
         }
+        named |= {(part, twin) for row in chosen if row.any()}
+    # the test can fail: a group and a twin name experts (in some part)
+    assert {twin for _, twin in named} == {False, True}
 
 
 def test_chat_split_is_the_assistant_content(qwen):
@@ -335,9 +380,10 @@ def test_cli_scan_writes_report_and_table(qwen, data, tmp_path, capsys):
     args = [str(a) for a in args]
     assert main(["safety-scan", *args, "-o", str(out), "--resamples", "10"]) == 0
     printed = capsys.readouterr().out
-    assert "detection" in printed and "control" in printed
+    assert "detection" in printed and "control" in printed and "decision tokens" in printed
     report = json.loads(out.read_text())
-    assert set(report["groups"]) == {"detection", "control"}
+    assert set(report["groups"]) == set(SAFETY.groups) | set(SAFETY.twins)
+    assert report["format"] == scan_mod.REPORT_FORMAT
     assert main(["safety-scan", *args, "--resamples", "10", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["parts"] == report["parts"]  # seeded: same
     plot = tmp_path / "heat.png"
@@ -413,6 +459,8 @@ def test_bad_input_is_one_line(qwen, data, report, tmp_path, capsys):
         ([*scan, "--harmful", str(broken)], "broken.jsonl:2"),
         ([*scan, "--harmful", str(silent)], "no response tokens"),
         ([*scan, "--harmful", str(data["harmful"]), "--threshold", "0"], "--threshold"),
+        ([*scan, "--harmful", str(data["harmful"]), "--decision-tokens", "0"], "--decision-tokens"),
+        ([*scan, "--harmful", str(data["harmful"]), "--decision-tokens", "-2"], "got -2"),
     ]
     other = write_model_dir(tmp_path / "other", *CASES["sigmoid-bias"])
     prune = ["prune", "--model", str(other), "--stats", str(write_stats(other, tmp_path / "s.npz"))]
@@ -429,7 +477,17 @@ def test_bad_input_is_one_line(qwen, data, report, tmp_path, capsys):
 
 def test_domain_kind_names_its_groups():
     assert DOMAIN.sets == ("domain", "general")
-    assert set(DOMAIN.groups) == {"domain_prompt", "domain_response"}
+    assert DOMAIN.groups == {
+        "domain_prompt": "prompt",
+        "domain_response": "response",
+        "domain_decision": "decision",
+    }
+    assert DOMAIN.twins == {
+        "general_prompt": "prompt",
+        "general_response": "response",
+        "general_decision": "decision",
+    }
+    assert set(SAFETY.twins) == {"harmless_detection", "harmless_control", "harmless_decision"}
 
 
 def test_response_tokens_zero_scans_prompts_only(qwen, data):
@@ -437,5 +495,144 @@ def test_response_tokens_zero_scans_prompts_only(qwen, data):
         kind=DOMAIN, model=qwen[0], sets=(data["plain"], data["text"]), response_tokens=0
     )
     report = scan_mod.scan(request)
-    assert list(report["parts"]) == ["prompt"] and list(report["groups"]) == ["domain_prompt"]
+    assert list(report["parts"]) == ["prompt", "decision"]
+    assert set(report["groups"]) == {
+        "domain_prompt",
+        "domain_decision",
+        "general_prompt",
+        "general_decision",
+    }
     assert report["sets"]["domain"]["tokens"]["response"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# twins and old reports in steer spec, prune and merge
+
+
+def _spec_json(capsys, report, group, *extra):
+    out = report.with_name(f"spec-{group}.json")
+    out.unlink(missing_ok=True)
+    args = ["steer", "spec", "--from", str(report), "--group", group, "-o", str(out), *extra]
+    assert main(args) == 0, capsys.readouterr()
+    capsys.readouterr()
+    return {r["layer"]: r["experts"] for r in json.loads(out.read_text())["rules"]}
+
+
+def _np_ranked(report, part, selection, sign, experts):
+    """The group's (layer, expert) best first by numpy: selection share, then sign * risk
+    difference (highest first), then layer and expert."""
+    values = report["parts"][part]
+    layers = report["moe_layers"]
+    pairs = np.array([(int(layer), e) for layer, ids in experts.items() for e in ids])
+    rows = np.array([layers.index(layer) for layer in pairs[:, 0]])
+    share = np.array(values[selection])[rows, pairs[:, 1]]
+    diff = sign * np.array(values["risk_difference"])[rows, pairs[:, 1]]
+    order = np.lexsort((pairs[:, 1], pairs[:, 0], -diff, -share))
+    return [tuple(int(v) for v in pairs[i]) for i in order]
+
+
+def _by_layer(pairs):
+    layers = {}
+    for layer, e in pairs:
+        layers.setdefault(layer, []).append(e)
+    return {layer: sorted(ids) for layer, ids in sorted(layers.items())}
+
+
+@pytest.fixture(scope="module")
+def twin_report(qwen, data, tmp_path_factory):
+    """A report whose decision group and twin both name experts in every layer (a low
+    threshold), and whose twin ranks differently by its own statistics than by the group's."""
+    out = tmp_path_factory.mktemp("twin") / "report.json"
+    request = _request(qwen[0], (data["harmful"], data["harmless"]), output=out, resamples=30)
+    request.threshold, request.top, request.decision_tokens = 0.05, 4, 20
+    scan_mod.scan(request)
+    return out
+
+
+def test_steer_spec_ranks_a_twin_by_the_reversed_statistics(twin_report, capsys):
+    report = json.loads(twin_report.read_text())
+    for group, part, sign in [("harmless_decision", "decision", -1), ("decision", "decision", 1)]:
+        experts = report["groups"][group]["experts"]
+        assert sum(map(len, experts.values())) > 2, group
+        selection = "reverse_selection_frequency" if sign < 0 else "selection_frequency"
+        ranked = _np_ranked(report, part, selection, sign, experts)
+        spec = _spec_json(capsys, twin_report, group, "--top", "2", "--mode", "force")
+        assert spec == _by_layer(ranked[:2]), group
+        # the twin's best experts are those the harmless prompts route to more
+        values = report["parts"][part]
+        layers = report["moe_layers"]
+        for layer, ids in spec.items():
+            for e in ids:
+                assert sign * values["risk_difference"][layers.index(layer)][e] > 0
+    # the forward statistics would rank the twin otherwise: the test can tell them apart
+    twin = report["groups"]["harmless_decision"]["experts"]
+    assert (
+        _np_ranked(report, "decision", "selection_frequency", 1, twin)[:2]
+        != _np_ranked(report, "decision", "reverse_selection_frequency", -1, twin)[:2]
+    )
+
+
+def _old_format(report: dict) -> dict:
+    """The same report as format 1 wrote it: prompt and response parts, no twins, no
+    reverse selection, no ranking keys."""
+    old = json.loads(json.dumps(report))
+    old["format"] = 1
+    old["parts"] = {p: old["parts"][p] for p in ("prompt", "response")}
+    for values in old["parts"].values():
+        del values["reverse_selection_frequency"]
+    old["groups"] = {g: old["groups"][g] for g in ("detection", "control")}
+    for entry in old["groups"].values():
+        del entry["selection"], entry["sign"]
+    del old["options"]["decision_tokens"]
+    for info in old["sets"].values():
+        del info["tokens"]["decision"]
+    return old
+
+
+def test_old_reports_and_twins_feed_steer_spec_and_prune(qwen, twin_report, capsys):
+    model_dir, stats = qwen
+    report = json.loads(twin_report.read_text())
+    # one expert per layer and group (the twin report's low threshold names too many to prune)
+    for entry in report["groups"].values():
+        entry["experts"] = {layer: ids[:1] for layer, ids in entry["experts"].items()}
+    small = twin_report.with_name("small.json")
+    small.write_text(json.dumps(report))
+    old_path = twin_report.with_name("old.json")
+    old_path.write_text(json.dumps(_old_format(report)))
+    for group in ("detection", "control"):  # format 1: ranked as before
+        part = report["groups"][group]["part"]
+        experts = report["groups"][group]["experts"]
+        ranked = _np_ranked(report, part, "selection_frequency", 1, experts)
+        assert _spec_json(capsys, old_path, group, "--top", "1") == _by_layer(ranked[:1])
+    base = ["--model", model_dir, "--stats", stats, "--n", 2]
+    plain = _removed(_prune_json(capsys, *base))
+    for path, group in [(old_path, "control"), (small, "harmless_control")]:
+        keep = {int(k): set(v) for k, v in report["groups"][group]["experts"].items()}
+        assert any(keep.values()) and not any(keep[k] <= plain[k] for k in keep if keep[k])
+        protected = _removed(_prune_json(capsys, *base, "--protect-from", f"{path}:{group}"))
+        for layer, ids in keep.items():
+            assert not ids & protected[layer], (path, group)
+        targeted = _removed(_prune_json(capsys, *base, "--target-from", f"{path}:{group}"))
+        for layer, ids in keep.items():
+            assert ids <= targeted[layer], (path, group)  # not removed by plain pruning
+
+
+def test_a_report_without_a_group_names_only_the_first_sets_groups(twin_report):
+    from mlxfun.methods.scan_report import group_experts
+
+    report = json.loads(twin_report.read_text())
+    union = {}
+    for group in SAFETY.groups:
+        for layer, ids in report["groups"][group]["experts"].items():
+            union.setdefault(int(layer), set()).update(ids)
+    expected = {layer: sorted(ids) for layer, ids in sorted(union.items()) if ids}
+    assert group_experts(report, None, "r") == expected
+    assert group_experts(_old_format(report), None, "r") == {
+        layer: sorted(
+            set(report["groups"]["detection"]["experts"][str(layer)])
+            | set(report["groups"]["control"]["experts"][str(layer)])
+        )
+        for layer in report["moe_layers"]
+        if report["groups"]["detection"]["experts"][str(layer)]
+        or report["groups"]["control"]["experts"][str(layer)]
+    }

@@ -20,6 +20,7 @@ def _run(
     model,
     output,
     response_tokens,
+    decision_tokens,
     max_tokens,
     max_samples,
     resamples,
@@ -47,6 +48,7 @@ def _run(
         sets=sets,
         output=output,
         response_tokens=response_tokens,
+        decision_tokens=decision_tokens,
         max_tokens=max_tokens,
         max_samples=max_samples,
         resamples=resamples,
@@ -80,7 +82,7 @@ def _columns(report) -> list[str]:
 
 
 def table_rows(report: dict) -> list[dict]:
-    """One row per selected expert of every group."""
+    """One row per selected expert of every group (a twin's share is its reversed selection)."""
     a, b = list(report["sets"])
     rows = []
     positions = {str(index): p for p, index in enumerate(report["moe_layers"])}
@@ -97,7 +99,9 @@ def table_rows(report: dict) -> list[dict]:
                         f"freq_{a}": values[f"frequency_{a}"][p][e],
                         f"freq_{b}": values[f"frequency_{b}"][p][e],
                         "risk_diff": values["risk_difference"][p][e],
-                        "selected_share": values["selection_frequency"][p][e],
+                        "selected_share": values[info.get("selection", "selection_frequency")][p][
+                            e
+                        ],
                     }
                 )
     return rows
@@ -107,7 +111,8 @@ def summary_line(report: dict) -> str:
     options = report["options"]
     sets = ", ".join(
         f"{name}: {info['prompts']} prompts, {info['tokens']['prompt']} prompt / "
-        f"{info['tokens']['response']} response tokens"
+        f"{info['tokens']['response']} response / {info['tokens'].get('decision', 0)} "
+        "decision tokens"
         for name, info in report["sets"].items()
     )
     groups = ", ".join(
@@ -130,7 +135,8 @@ def _check_matplotlib():
 
 
 def heatmap(report: dict, path: Path) -> None:
-    """Risk difference per (MoE layer, expert), one panel per part, selected experts boxed."""
+    """Risk difference per (MoE layer, expert), one panel per part, selected experts boxed
+    (solid: the first set's group, dashed: its twin, which the reference set prefers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,14 +167,17 @@ def heatmap(report: dict, path: Path) -> None:
             for info in report["groups"].values():
                 if info["part"] != part:
                     continue
+                style = "--" if info.get("sign") == -1 else "-"
                 for layer, experts in info["experts"].items():
                     y = layers.index(int(layer))
                     for e in experts:
-                        ax.add_patch(
-                            plt.Rectangle((e - 0.5, y - 0.5), 1, 1, fill=False, lw=1.5, ec="k")
-                        )
+                        box = (e - 0.5, y - 0.5)
+                        ax.add_patch(plt.Rectangle(box, 1, 1, fill=False, lw=1.5, ec="k", ls=style))
             a, b = list(report["sets"])
-            ax.set_title(f"{part} tokens: {a} - {b} (boxed: selected)", fontsize=10)
+            ax.set_title(
+                f"{part} tokens: {a} - {b} (boxed: selected for {a}, dashed: for {b})",
+                fontsize=10,
+            )
             ax.set_xlabel("expert")
             ax.set_ylabel("MoE layer")
             step = max(1, len(layers) // 32)
@@ -189,6 +198,12 @@ COMMON = dict(
         "--response-tokens",
         "Greedy tokens generated after plain prompts (chat records use their assistant "
         "answer); 0: prompt statistics only.",
+    ),
+    decision_tokens=(
+        1,
+        "--decision-tokens",
+        "The last N prompt tokens form the decision part (with a chat template: the "
+        "generation prompt, whose output is the answer's first token); also counted as prompt.",
     ),
     max_tokens=(256, "--max-tokens", "Tokens per record (prompts and chat records are cut)."),
     max_samples=(None, "--max-samples", "Seeded random subsample of each set's records."),
@@ -226,6 +241,7 @@ def register(app: typer.Typer) -> None:
         ),
         output: Path = typer.Option(None, "--output", "-o", help="Report to write (.json)."),
         response_tokens: int = _opt("response_tokens"),
+        decision_tokens: int = _opt("decision_tokens"),
         max_tokens: int = _opt("max_tokens"),
         max_samples: int = _opt("max_samples"),
         resamples: int = _opt("resamples"),
@@ -237,7 +253,8 @@ def register(app: typer.Typer) -> None:
         json_output: bool = _opt("json_output"),
         plot: Path = _opt("plot"),
     ):
-        """Safety experts (SAFEx): detection (harmful prompt tokens) and control (responses)."""
+        """Safety experts (SAFEx): detection (harmful prompt tokens), control (responses) and
+        decision (the last prompt tokens), each with its harmless_ twin."""
         _run("safety-scan", **locals())
 
     @app.command("domain-scan")
@@ -247,6 +264,7 @@ def register(app: typer.Typer) -> None:
         general: Path = typer.Option(..., "--general", help="General text or prompts (JSONL)."),
         output: Path = typer.Option(None, "--output", "-o", help="Report to write (.json)."),
         response_tokens: int = _opt("response_tokens"),
+        decision_tokens: int = _opt("decision_tokens"),
         max_tokens: int = _opt("max_tokens"),
         max_samples: int = _opt("max_samples"),
         resamples: int = _opt("resamples"),
@@ -258,5 +276,6 @@ def register(app: typer.Typer) -> None:
         json_output: bool = _opt("json_output"),
         plot: Path = _opt("plot"),
     ):
-        """Domain experts: domain_prompt (domain text) and domain_response (its continuations)."""
+        """Domain experts: domain_prompt (domain text), domain_response (its continuations) and
+        domain_decision (the last prompt tokens), each with its general_ twin."""
         _run("domain-scan", **locals())

@@ -4,11 +4,14 @@ docs/scans.md).
 ``safety-scan`` compares harmful with harmless prompts, ``domain-scan`` a domain with general
 text; both are one machinery. Each prompt becomes one token sequence split into prompt tokens
 and response tokens (the assistant part of a chat record, or a greedy continuation of a plain
-prompt). One forward per batch, observed router-faithfully (``mlxfun.core.observe``), counts per
-prompt, layer and expert how many of the prompt's tokens of each part routed to the expert among
-their top-k. Everything else is computed from these counts: activation frequencies, their risk
-difference (SteerMoE) and the bootstrap stability selection, which resamples prompts without
-running the model again.
+prompt); the last ``decision_tokens`` prompt tokens (the generation prompt, whose output is the
+answer's first token) are a third part, ``decision``, counted in ``prompt`` too. One forward per
+batch, observed router-faithfully (``mlxfun.core.observe``), counts per prompt, layer and expert
+how many of the prompt's tokens of each part routed to the expert among their top-k. Everything
+else is computed from these counts: activation frequencies, their risk difference (SteerMoE)
+and the bootstrap stability selection, which resamples prompts without running the model
+again. Every part names two groups: the experts the first set prefers, and their twin at the
+other end of the ranking, the experts the reference set prefers.
 """
 
 import json
@@ -19,22 +22,41 @@ import attrs
 import numpy as np
 from mlxfun.core.errors import MlxfunError
 
-PARTS = ("prompt", "response")
-REPORT_FORMAT = 1
+PARTS = ("prompt", "response", "decision")
+# 2: the decision part, twin groups (preferring the reference set) and the statistics that rank
+# them; format 1 reports (no decision part, every group preferring the first set) still load
+REPORT_FORMAT = 2
 
 
 @attrs.frozen
 class ScanKind:
     name: str
     sets: tuple[str, str]  # (set the groups prefer, the reference set)
-    groups: dict  # group name -> part
+    groups: dict  # group name -> part: experts the first set prefers
+    twins: dict  # group name -> part: experts the reference set prefers (the ranking's other end)
+
+    def all_groups(self) -> list[tuple[str, str, bool]]:
+        """``(group, part, twin)`` of every group, the first set's groups first."""
+        return [(g, p, False) for g, p in self.groups.items()] + [
+            (g, p, True) for g, p in self.twins.items()
+        ]
 
 
 SAFETY = ScanKind(
-    "safety-scan", ("harmful", "harmless"), {"detection": "prompt", "control": "response"}
+    "safety-scan",
+    ("harmful", "harmless"),
+    {"detection": "prompt", "control": "response", "decision": "decision"},
+    {
+        "harmless_detection": "prompt",
+        "harmless_control": "response",
+        "harmless_decision": "decision",
+    },
 )
 DOMAIN = ScanKind(
-    "domain-scan", ("domain", "general"), {"domain_prompt": "prompt", "domain_response": "response"}
+    "domain-scan",
+    ("domain", "general"),
+    {"domain_prompt": "prompt", "domain_response": "response", "domain_decision": "decision"},
+    {"general_prompt": "prompt", "general_response": "response", "general_decision": "decision"},
 )
 KINDS = {kind.name: kind for kind in (SAFETY, DOMAIN)}
 
@@ -46,6 +68,7 @@ class ScanRequest:
     sets: tuple  # (path of the preferred set, path of the reference set)
     output: Path | None = attrs.field(default=None)
     response_tokens: int = 32
+    decision_tokens: int = 1
     max_tokens: int = 256
     max_samples: int | None = None
     resamples: int = 200
@@ -72,6 +95,14 @@ class Sequence:
     @property
     def response_len(self) -> int:
         return len(self.ids) - self.prompt_len
+
+    def part_masks(self, decision_tokens: int) -> dict:
+        """``{part: bool (len(ids),)}``: which positions belong to each part; the decision
+        positions are the last ``decision_tokens`` prompt positions (all of a shorter prompt)."""
+        position = np.arange(len(self.ids))
+        prompt = position < self.prompt_len
+        start = self.prompt_len - min(decision_tokens, self.prompt_len)
+        return {"prompt": prompt, "response": ~prompt, "decision": prompt & (position >= start)}
 
 
 def _encode(tokenizer, text: str, templated: bool) -> list[int]:
@@ -216,7 +247,9 @@ class SetCounts:
     tokens: dict  # part -> int64 (prompts,)
 
 
-def routed_counts(model, adapter, sequences, batch_size: int, progress: bool = False) -> dict:
+def routed_counts(
+    model, adapter, sequences, batch_size: int, progress: bool = False, decision_tokens: int = 1
+) -> dict:
     """``{part: (counts, tokens)}`` over ``sequences``, observed with the model's own routing."""
     import mlx.core as mx
     from mlxfun.core.datasets import batches
@@ -236,13 +269,11 @@ def routed_counts(model, adapter, sequences, batch_size: int, progress: bool = F
         with observer:
             mx.eval(model(mx.array(batch)))
         observations = observer.observations(mask)
-        # row-major over the real tokens: sequence id and part of every observed token
+        # row-major over the real tokens: sequence id and parts of every observed token
         seq_id = np.concatenate([np.full(len(s.ids), start + i) for i, s in enumerate(chunk)])
-        is_response = np.concatenate([np.arange(len(s.ids)) >= s.prompt_len for s in chunk]).astype(
-            np.int64
-        )
-        for part_index, part in enumerate(PARTS):
-            rows = is_response == part_index
+        masks = [s.part_masks(decision_tokens) for s in chunk]
+        for part in PARTS:
+            rows = np.concatenate([m[part] for m in masks])
             tokens[part] += np.bincount(seq_id[rows], minlength=n)
             for position, obs in enumerate(observations):
                 selected = obs.selected[rows]
@@ -293,33 +324,44 @@ def _existing(shape, num_experts) -> np.ndarray:
     return np.arange(shape[-1])[None, :] < np.asarray(num_experts)[:, None]
 
 
-def selection_frequency(a, b, top: int, resamples: int, seed: int, num_experts) -> np.ndarray:
-    """Share of ``resamples`` bootstrap resamples (each set's prompts drawn with replacement,
-    seeded) in which each expert ranks in its layer's ``top`` by risk difference (above 0).
-    ``a``, ``b``: ``(counts, tokens)`` of the preferred and the reference set."""
+def selection_frequencies(a, b, top: int, resamples: int, seed: int, num_experts) -> tuple:
+    """``(preferred, reversed)``: share of ``resamples`` bootstrap resamples (each set's prompts
+    drawn with replacement, seeded) in which each expert ranks in its layer's ``top`` by risk
+    difference (above 0), and by the reversed difference (reference minus preferred: the twin
+    groups), from the same draws. ``a``, ``b``: ``(counts, tokens)`` of the preferred and the
+    reference set."""
     rng = np.random.default_rng(seed)
     (ca, ta), (cb, tb) = a, b
     hits = np.zeros(ca.shape[1:], np.int64)
+    twin_hits = np.zeros(ca.shape[1:], np.int64)
     for _ in range(resamples):
         wa = np.bincount(rng.integers(0, len(ta), len(ta)), minlength=len(ta))
         wb = np.bincount(rng.integers(0, len(tb), len(tb)), minlength=len(tb))
         difference = frequency(ca, ta, wa) - frequency(cb, tb, wb)
         hits += top_mask(difference, top, num_experts)
-    return hits / max(resamples, 1)
+        twin_hits += top_mask(-difference, top, num_experts)
+    return hits / max(resamples, 1), twin_hits / max(resamples, 1)
+
+
+def selection_frequency(a, b, top: int, resamples: int, seed: int, num_experts) -> np.ndarray:
+    """The preferred set's share of ``selection_frequencies``."""
+    return selection_frequencies(a, b, top, resamples, seed, num_experts)[0]
 
 
 def part_scores(a, b, request: ScanRequest, num_experts) -> dict:
     """Every statistic of one part (arrays of shape (layers, width))."""
     (ca, ta), (cb, tb) = a, b
     fa, fb = frequency(ca, ta), frequency(cb, tb)
+    selected, reverse = selection_frequencies(
+        a, b, request.top, request.resamples, request.seed, num_experts
+    )
     return {
         "frequency_a": fa,
         "frequency_b": fb,
         "risk_difference": fa - fb,
         "prompt_mean_difference": prompt_mean_frequency(ca, ta) - prompt_mean_frequency(cb, tb),
-        "selection_frequency": selection_frequency(
-            a, b, request.top, request.resamples, request.seed, num_experts
-        ),
+        "selection_frequency": selected,
+        "reverse_selection_frequency": reverse,
     }
 
 
@@ -336,6 +378,11 @@ def _check_options(request: ScanRequest) -> None:
             f"--threshold must be in (0, 1], got {request.threshold}",
         ),
         (request.response_tokens >= 0, "--response-tokens must be 0 or more"),
+        (
+            request.decision_tokens >= 1,
+            "--decision-tokens must be at least 1 (the last N prompt tokens; 1: the one whose "
+            f"output is the answer's first token), got {request.decision_tokens}",
+        ),
         (request.max_tokens >= 1, "--max-tokens must be at least 1"),
         (request.batch_size >= 1, "--batch-size must be at least 1"),
     ]
@@ -397,7 +444,14 @@ def scan(request: ScanRequest) -> dict:
         sequences = build_sequences(set_samples, model, tokenizer, request, f"{name} prompts")
         routed.append(
             (
-                routed_counts(model, adapter, sequences, request.batch_size, request.progress),
+                routed_counts(
+                    model,
+                    adapter,
+                    sequences,
+                    request.batch_size,
+                    request.progress,
+                    request.decision_tokens,
+                ),
                 sequences,
             )
         )
@@ -431,15 +485,23 @@ def _report(request, fingerprint, layers, routed, scores) -> dict:
             "risk_difference": _nested(values["risk_difference"], num_experts),
             "prompt_mean_difference": _nested(values["prompt_mean_difference"], num_experts),
             "selection_frequency": _nested(values["selection_frequency"], num_experts, 4),
+            "reverse_selection_frequency": _nested(
+                values["reverse_selection_frequency"], num_experts, 4
+            ),
         }
     groups = {}
-    for group, part in kind.groups.items():
+    for group, part, twin in kind.all_groups():
         if part not in scores:
             continue
-        chosen = scores[part]["selection_frequency"] >= request.threshold - 1e-12
+        # what ranks the group (steer.ranked_group): its selection share, then its sign of the
+        # risk difference
+        selection = "reverse_selection_frequency" if twin else "selection_frequency"
+        chosen = scores[part][selection] >= request.threshold - 1e-12
         groups[group] = {
             "part": part,
-            "prefers": a,
+            "prefers": b if twin else a,
+            "selection": selection,
+            "sign": -1 if twin else 1,
             "experts": {
                 str(layer.index): [int(e) for e in np.flatnonzero(row[: layer.num_experts])]
                 for layer, row in zip(layers, chosen)
@@ -455,6 +517,7 @@ def _report(request, fingerprint, layers, routed, scores) -> dict:
         "sets": sets,
         "options": {
             "response_tokens": request.response_tokens,
+            "decision_tokens": request.decision_tokens,
             "max_tokens": request.max_tokens,
             "max_samples": request.max_samples,
             "resamples": request.resamples,

@@ -35,13 +35,23 @@ def load_report(path) -> dict:
     return report
 
 
+def _is_twin(entry) -> bool:
+    """A group of the experts the reference set prefers (format 2 reports: sign -1)."""
+    return isinstance(entry, dict) and entry.get("sign") == -1
+
+
 def group_experts(report: dict, group: str | None, path) -> dict[int, list[int]]:
-    """One group's experts, or with ``group`` None the union of every group in the report."""
+    """One group's experts, or with ``group`` None the union of the report's groups that
+    prefer the scan's first set (harmful, domain): the twins, which the reference set prefers,
+    count only when named."""
     groups = report["groups"]
     if group is not None and group not in groups:
         known = ", ".join(sorted(groups)) or "none"
         raise MlxfunError(f"{path} has no group {group!r}; its groups: {known}")
-    names = [group] if group is not None else sorted(groups)
+    if group is not None:
+        names = [group]
+    else:
+        names = sorted(name for name, entry in groups.items() if not _is_twin(entry))
     result: dict[int, set] = {}
     for name in names:
         experts = groups[name].get("experts", {}) if isinstance(groups[name], dict) else None

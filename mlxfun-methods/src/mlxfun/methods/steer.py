@@ -312,7 +312,9 @@ def spec_from_report(
 
 def ranked_group(report: dict, group: str, where: str = "report") -> list[tuple[int, int]]:
     """``[(decoder layer, expert), ...]`` of a report's group, best first: by the group part's
-    ``selection_frequency``, then ``risk_difference`` (both highest first), then layer and
+    selection share (the statistic the group's ``selection`` names, ``selection_frequency`` by
+    default), then ``risk_difference`` times the group's ``sign`` (both highest first: a twin
+    group, sign -1, ranks the experts the reference set prefers most first), then layer and
     expert; in the report's order when it has no such statistics. A group is
     ``{"experts": {"<layer>": [ids]}}`` (the scans' format), or a list of ``{"layer",
     "expert"}`` objects or ``[layer, expert]`` pairs (hand-written, already ranked)."""
@@ -333,13 +335,20 @@ def ranked_group(report: dict, group: str, where: str = "report") -> list[tuple[
                 f"{where}: group {group!r} is not a map of layers to experts"
             ) from None
         part = (report.get("parts") or {}).get(entry.get("part")) or {}
-        return sorted(pairs, key=_ranking(report, part))
+        selection = entry.get("selection", "selection_frequency")
+        sign = entry.get("sign", 1)
+        if not isinstance(selection, str) or sign not in (1, -1):
+            raise MlxfunError(
+                f"{where}: group {group!r} has a bad 'selection' or 'sign' (a statistic's name, "
+                "1 or -1); write the report with mlxfun safety-scan / domain-scan"
+            )
+        return sorted(pairs, key=_ranking(report, part, selection, sign))
     if not isinstance(items, list):
         raise MlxfunError(f"{where}: group {group!r} is not a list of experts")
     return list(_pairs(items, f"{where}: group {group!r}"))
 
 
-def _ranking(report: dict, part: dict):
+def _ranking(report: dict, part: dict, selection: str = "selection_frequency", sign: int = 1):
     positions = {layer: p for p, layer in enumerate(report.get("moe_layers") or [])}
 
     def value(name, layer, expert):
@@ -352,8 +361,8 @@ def _ranking(report: dict, part: dict):
     def key(pair):
         layer, expert = pair
         return (
-            -value("selection_frequency", layer, expert),
-            -value("risk_difference", layer, expert),
+            -value(selection, layer, expert),
+            -sign * value("risk_difference", layer, expert),
             layer,
             expert,
         )
