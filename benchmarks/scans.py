@@ -6,7 +6,13 @@
    over 10 seeds), the N least-used experts and (per layer) the N it ranks lowest, which the
    other set prefers ("scan-reversed"), and measure the refusal rate on held-out
    harmful prompts (mlxfun.methods.refusal.refusal_rate, greedy) and the perplexity of the
-   held-out harmless answers given their prompts.
+   held-out harmless answers given their prompts; rankings by the prompt, response and decision
+   (last prompt token) parts. Then (`--steer`, on by default) SteerMoE's two ends at the
+   decision position, with the product's steering (``mlxfun.methods.steer.steering``): mask
+   the N experts per layer the `decision` group ranks first, force the N its twin
+   `harmless_decision` ranks first, both together, and the same three forms with random
+   experts; refusal on held-out harmful and harmless prompts and the harmless answers'
+   perplexity.
 2. Demo model (demo/model): `domain-scan` on calib_code vs calib_prose; disable the N code
    experts per layer vs N random vs N least-used and measure code and prose perplexity
    (eval_code / eval_prose).
@@ -20,12 +26,14 @@ drop a whole group and let a zeroed expert win: the check then fails rather than
 Runtime is kept modest by subsampling (printed with the results).
 
     python benchmarks/scans.py [--eval-prompts 30] [--seeds 10] [--part chat|domain|both]
+        [--no-steer]
 """
 
 import argparse
 import math
 import platform
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import mlx.core as mx
@@ -36,6 +44,7 @@ from mlxfun.core.datasets import load_samples, tokenize_samples
 from mlxfun.core.models import load_model
 from mlxfun.methods.refusal import refusal_rate
 from mlxfun.methods.scan import DOMAIN, SAFETY, ScanRequest, chat_split, scan
+from mlxfun.methods.steer import steering
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,6 +226,95 @@ def print_markdown(rows, metrics):
         print(f"| {r['setting']} | {r['kind']} | " + " | ".join(cells) + " |")
 
 
+def group_order(report: dict, group: str) -> np.ndarray:
+    """Per layer, every expert ranked as ``steer.ranked_group`` ranks a group's experts: the
+    group's selection share, then its sign of the risk difference, then expert id."""
+    entry = report["groups"][group]
+    values = report["parts"][entry["part"]]
+    width = max(report["num_experts"])
+    share = np.nan_to_num(_array(values[entry["selection"]], width), neginf=-1.0)
+    diff = entry["sign"] * np.nan_to_num(_array(values["risk_difference"], width), neginf=0.0)
+    ids = np.broadcast_to(np.arange(width), share.shape)
+    return np.lexsort((ids, -diff, -share), axis=-1)
+
+
+def steering_spec(layers, masked: dict, forced: dict) -> dict:
+    """A steering spec (docs/steering.md) from ``{position: [experts]}`` to mask and to force."""
+    rules = []
+    for mode, chosen in (("mask", masked), ("force", forced)):
+        for position, experts in chosen.items():
+            if experts:
+                rules.append({"layer": layers[position].index, "experts": experts, "mode": mode})
+    return {"rules": rules}
+
+
+def steer_configurations(report, layers, seeds: int, per_layer_n=(1, 2)):
+    """(setting, kind, masked, forced) for SteerMoE's ends at the decision position: mask the
+    ``decision`` group's first N per layer, force ``harmless_decision``'s first N, both; the
+    same forms with N random experts per layer (masked and forced ones distinct)."""
+    num_experts = report["num_experts"]
+    orders = group_order(report, "decision"), group_order(report, "harmless_decision")
+    configs = [("none", "baseline", {}, {})]
+    for n in per_layer_n:
+        masked = per_layer(orders[0], n, num_experts)
+        # an expert both ranked first for masking and for forcing (a layer with fewer than N
+        # positive differences) is masked only
+        forced = per_layer(orders[1], n + n, num_experts)
+        forced = {p: [e for e in ids if e not in masked[p]][:n] for p, ids in forced.items()}
+        draws = []
+        for seed in range(seeds):
+            rng = np.random.default_rng(seed)
+            perm = [rng.permutation(count).tolist() for count in num_experts]
+            draws.append(
+                (
+                    {p: r[:n] for p, r in enumerate(perm)},
+                    {p: r[n : 2 * n] for p, r in enumerate(perm)},
+                )
+            )
+        for form in ("mask", "force", "both"):
+            setting = {"mask": f"mask {n}/layer", "force": f"force {n}/layer"}.get(
+                form, f"mask {n} + force {n}/layer"
+            )
+            for kind, (m, f) in [("scan", (masked, forced))] + [
+                (f"random:{seed}", draw) for seed, draw in enumerate(draws)
+            ]:
+                configs.append(
+                    (setting, kind, {} if form == "force" else m, {} if form == "mask" else f)
+                )
+    return configs
+
+
+def steer_table(args, report, model, tokenizer, layers, harmful, harmless, harmless_prompts):
+    """Refusals and harmless perplexity under each steering configuration (printed)."""
+    configs = steer_configurations(report, layers, args.seeds, args.steer_per_layer)
+    results = []
+    for setting, kind, masked, forced in tqdm(configs, desc="steering"):
+        spec = steering_spec(layers, masked, forced)
+        with steering(model, spec) if spec["rules"] else nullcontext():
+            results.append(
+                {
+                    "setting": setting,
+                    "kind": kind,
+                    "refusal": refusal_rate(
+                        model, tokenizer, harmful, max_tokens=args.answer_tokens
+                    ).rate,
+                    "harmless_refusal": refusal_rate(
+                        model, tokenizer, harmless_prompts, max_tokens=args.answer_tokens
+                    ).rate,
+                    "harmless_ppl": answer_perplexity(model, harmless),
+                }
+            )
+    top = max(args.steer_per_layer)
+    for group in ("decision", "harmless_decision"):
+        first = {
+            layers[p].index: row[:top].tolist() for p, row in enumerate(group_order(report, group))
+        }
+        print(f"{group}: first {top} experts per layer {first}")
+    print("\n### chat model: steering at the decision position (mask one end, force the other)")
+    metrics = ["refusal", "harmless_refusal", "harmless_ppl"]
+    print_markdown(summarise(results, metrics), metrics)
+
+
 def chat_benchmark(args) -> None:
     started = time.perf_counter()
     request = ScanRequest(
@@ -264,6 +362,8 @@ def chat_benchmark(args) -> None:
         print(f"\n### chat model: disabling by the {part}-token ranking")
         metrics = ["refusal", "harmless_ppl", "harmless_refusal"]
         print_markdown(summarise(results, metrics), metrics)
+    if args.steer:
+        steer_table(args, report, model, tokenizer, layers, harmful, harmless, harmless_prompts)
     print(
         f"\n{len(harmful)} held-out harmful prompts ({args.answer_tokens} greedy tokens), "
         f"{len(harmless)} held-out harmless answers; {time.perf_counter() - started:.0f} s"
@@ -320,8 +420,18 @@ def main():
     parser.add_argument("--resamples", type=int, default=200)
     parser.add_argument("--top", type=int, default=2)
     parser.add_argument(
-        "--parts", default="response,prompt", help="chat: rankings by these parts' scores"
+        "--parts",
+        default="response,prompt,decision",
+        help="chat: rankings by these parts' scores ('' for none)",
     )
+    parser.add_argument(
+        "--steer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="chat: the steering table at the decision position (mask decision, force "
+        "harmless_decision, both; random forms)",
+    )
+    parser.add_argument("--steer-per-layer", default="1,2", help="steering: N experts per layer")
     parser.add_argument("--per-layer", default="1,2,4", help="N experts disabled per layer")
     parser.add_argument(
         "--model-wide", default="1,2", help="model-wide totals, in multiples of the layer count"
@@ -329,7 +439,8 @@ def main():
     args = parser.parse_args()
     args.per_layer = [int(n) for n in args.per_layer.split(",") if n]
     args.model_wide = [int(n) for n in args.model_wide.split(",") if n]
-    args.parts = args.parts.split(",")
+    args.parts = [p for p in args.parts.split(",") if p]
+    args.steer_per_layer = [int(n) for n in args.steer_per_layer.split(",") if n]
     print(f"{platform.platform()}, mlx {mx.__version__}")
     if args.part in ("chat", "both"):
         if (args.chat_model / "config.json").is_file():
