@@ -27,6 +27,7 @@ from mlxfun.methods.steer import (
     MASK,
     layer_biases,
     parse_spec,
+    ranked_group,
     spec_from_report,
     steering,
 )
@@ -289,6 +290,44 @@ def test_spec_from_a_scan_report():
         spec_from_report(report, "refuse", 3, "mask")
     hand = {"groups": {"code": [{"layer": 3, "expert": 5}, [1, 2]]}}
     assert [r.layer for r in spec_from_report(hand, "code", None, "force").rules] == [1, 3]
+
+
+def test_spec_from_a_twin_group_ranks_by_the_reversed_statistics():
+    """A twin group (format 2: the experts the reference set prefers) names its selection share
+    and sign: best = highest reverse share, then most negative risk difference."""
+    report = {
+        "moe_layers": [1, 3],
+        "parts": {
+            "decision": {
+                "selection_frequency": [[1.0, 0, 0, 0], [0, 0, 0, 1.0]],
+                "reverse_selection_frequency": [[0, 0.9, 1.0, 1.0], [1.0, 0.9, 0, 0]],
+                "risk_difference": [[0.4, -0.1, -0.2, -0.3], [-0.5, -0.6, 0, 0.2]],
+            }
+        },
+        "groups": {
+            "harmless_decision": {
+                "part": "decision",
+                "selection": "reverse_selection_frequency",
+                "sign": -1,
+                "experts": {"1": [1, 2, 3], "3": [0, 1]},
+            }
+        },
+    }
+    # reverse share 1.0: (3,0) -0.5, (1,3) -0.3, (1,2) -0.2; then 0.9: (3,1) -0.6, (1,1) -0.1
+    assert ranked_group(report, "harmless_decision") == [(3, 0), (1, 3), (1, 2), (3, 1), (1, 1)]
+    spec = spec_from_report(report, "harmless_decision", 2, "force")
+    assert [r.to_json() for r in spec.rules] == [
+        {"layer": 1, "experts": [3], "mode": "force"},
+        {"layer": 3, "experts": [0], "mode": "force"},
+    ]
+    # read as a first-set group (format 1: no selection, no sign) it would rank otherwise
+    plain = {**report["groups"]["harmless_decision"]}
+    del plain["selection"], plain["sign"]
+    old = dict(report, groups={"harmless_decision": plain})
+    assert ranked_group(old, "harmless_decision")[:2] == [(1, 1), (1, 2)]
+    bad = dict(report, groups={"g": dict(report["groups"]["harmless_decision"], sign=2)})
+    with pytest.raises(MlxfunError, match="bad 'selection' or 'sign'"):
+        ranked_group(bad, "g")
 
 
 # ---------------------------------------------------------------------------------------------
