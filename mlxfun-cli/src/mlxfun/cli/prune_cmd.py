@@ -20,7 +20,8 @@ OPTIONS = dict(
     protect_from=(
         "--protect-from",
         "Also protect the experts of a scan report: REPORT.json[:GROUP] (default: "
-        "every group; checked against this model); repeatable.",
+        "every group but the twins, which prefer the reference set; checked against this "
+        "model); repeatable.",
     ),
     target_from=("--target-from", "Also target a scan report's experts; as --protect-from."),
     min_keep=("--min-keep", "Experts every layer keeps at least (default: top-k)."),
