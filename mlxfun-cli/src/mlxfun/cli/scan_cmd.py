@@ -175,8 +175,7 @@ def heatmap(report: dict, path: Path) -> None:
                         ax.add_patch(plt.Rectangle(box, 1, 1, fill=False, lw=1.5, ec="k", ls=style))
             a, b = list(report["sets"])
             ax.set_title(
-                f"{part} tokens: {a} - {b} (boxed: selected for {a}, dashed: for {b})",
-                fontsize=10,
+                f"{part} tokens: {a} - {b} (selected, boxed: {a}, dashed: {b})", fontsize=10
             )
             ax.set_xlabel("expert")
             ax.set_ylabel("MoE layer")
