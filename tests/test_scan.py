@@ -272,8 +272,8 @@ def test_report_scores_equal_numpy(model_dir, data, tmp_path):
             str(i): np.flatnonzero(row).tolist() for i, row in zip(report["moe_layers"], chosen)
         }
         named |= {(part, twin) for row in chosen if row.any()}
-    # the test can fail: a group and a twin name experts (in some part)
-    assert {twin for _, twin in named} == {False, True}
+    # the test can fail: the decision group and its twin name experts
+    assert {("decision", False), ("decision", True)} <= named, named
 
 
 def test_chat_split_is_the_assistant_content(qwen):
