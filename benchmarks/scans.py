@@ -251,7 +251,9 @@ def steering_spec(layers, masked: dict, forced: dict) -> dict:
 def steer_configurations(report, layers, seeds: int, per_layer_n=(1, 2)):
     """(setting, kind, masked, forced) for SteerMoE's ends at the decision position: mask the
     ``decision`` group's first N per layer, force ``harmless_decision``'s first N, both; the
-    same forms with N random experts per layer (masked and forced ones distinct)."""
+    same forms with N random experts per layer (masked and forced ones distinct). Forcing as
+    many experts as a token uses (N = top-k) fixes every token's routing in the layer: the mask
+    then changes nothing, and the two rows agree."""
     num_experts = report["num_experts"]
     orders = group_order(report, "decision"), group_order(report, "harmless_decision")
     configs = [("none", "baseline", {}, {})]
