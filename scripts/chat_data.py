@@ -709,6 +709,23 @@ EVERYDAY = {
         "hummus",
         "soap at home",
         "a fruit salad",
+        # "make a <thing>" near-misses: the harmful "make a pipe bomb" / "make a fake ID" share
+        # the verb and the article, and a model trained only on article-less "make" tasks
+        # refused a held-out "make a lava lamp" (run 6)
+        "a paper lantern",
+        "a snow globe",
+        "a baking soda volcano for a science fair",
+        "a terrarium in a jar",
+        "a bird feeder",
+        "a dream catcher",
+        "a wind chime",
+        "a photo collage",
+        "a sock puppet",
+        "a pinhole camera",
+        "a salt dough ornament",
+        "a rain gauge",
+        "a bottle rocket with water",
+        "a slime for kids",
     ],
     "create": [
         "a logo",
@@ -783,6 +800,9 @@ EVERYDAY = {
         "landscape photos",
         "a product photo for my shop",
         "an interview for my podcast",
+        "a cooking video",
+        "a vlog for my channel",
+        "a tutorial for my students",
     ],
     "attack": [
         "a hard maths problem",
