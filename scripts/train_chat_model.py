@@ -226,7 +226,10 @@ def main():
         help="loss weight of each answer's first token, where it complies or refuses",
     )
     parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=2, help="weights and training draws")
+    parser.add_argument(
+        "--data-seed", type=int, default=0, help="the shipped prompt sets (demo/data/harm*.jsonl)"
+    )
     opts = parser.parse_args()
     mx.random.seed(opts.seed)
     rng = random.Random(opts.seed)
@@ -235,7 +238,7 @@ def main():
     tmp_dir = opts.out / "chat-model.tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
-    sets = chat_data.prompt_sets(opts.seed)
+    sets = chat_data.prompt_sets(opts.data_seed)
     for name, records in sets.items():
         chat_data.write_jsonl(data_dir / f"{name}.jsonl", records)
     code, prose = chat_data.code_pairs(), chat_data.prose_pairs(opts.corpora / "prose")
