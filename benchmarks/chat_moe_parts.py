@@ -12,7 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import mlx.core as mx
 from mlxfun.core.hooks import call_hooks
 from mlxfun.core.models import load_model
 from mlxfun.methods.refusal import refusal_rate
@@ -73,7 +72,6 @@ def main():
                 for prompts in sets.values()
             ]
         print(f"| {label} | {rates[0]:.3f} | {rates[1]:.3f} |")
-    mx.clear_cache()
 
 
 if __name__ == "__main__":

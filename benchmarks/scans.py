@@ -44,7 +44,7 @@ from mlxfun.core.datasets import load_samples, tokenize_samples
 from mlxfun.core.models import load_model
 from mlxfun.methods.refusal import refusal_rate
 from mlxfun.methods.scan import DOMAIN, SAFETY, ScanRequest, chat_split, scan
-from mlxfun.methods.steer import steering
+from mlxfun.methods.steer import ranked_group, steering
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -227,15 +227,20 @@ def print_markdown(rows, metrics):
 
 
 def group_order(report: dict, group: str) -> np.ndarray:
-    """Per layer, every expert ranked as ``steer.ranked_group`` ranks a group's experts: the
-    group's selection share, then its sign of the risk difference, then expert id."""
-    entry = report["groups"][group]
-    values = report["parts"][entry["part"]]
-    width = max(report["num_experts"])
-    share = np.nan_to_num(_array(values[entry["selection"]], width), neginf=-1.0)
-    diff = entry["sign"] * np.nan_to_num(_array(values["risk_difference"], width), neginf=0.0)
-    ids = np.broadcast_to(np.arange(width), share.shape)
-    return np.lexsort((ids, -diff, -share), axis=-1)
+    """Per layer, every expert ranked by ``steer.ranked_group`` as if the group held them all
+    (its selection share, then its sign of the risk difference, then expert id)."""
+    everyone = {
+        str(layer): list(range(n)) for layer, n in zip(report["moe_layers"], report["num_experts"])
+    }
+    entry = {**report["groups"][group], "experts": everyone}
+    ranked = ranked_group({**report, "groups": {group: entry}}, group)
+    width = max(report["num_experts"])  # narrower layers: their missing ids last (never chosen)
+    return np.array(
+        [
+            [e for layer_index, e in ranked if layer_index == layer] + list(range(n, width))
+            for layer, n in zip(report["moe_layers"], report["num_experts"])
+        ]
+    )
 
 
 def steering_spec(layers, masked: dict, forced: dict) -> dict:
